@@ -1,0 +1,174 @@
+"""The `patchcore` command line: fit, predict, evaluate, demo-data.
+
+Settings come from params.yaml (`model` section; `--params` or PATCHCORE_PARAMS picks the file),
+then PATCHCORE_WEIGHTS, then the flags: the last one wins. Bad input exits with status 2 and one
+clear message naming the file and the problem.
+
+Must never import prefect, mlflow, dvc or great_expectations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from patchcore.backbone import BackboneError, WeightsError
+from patchcore.config import ConfigError, PatchCoreConfig, load_config, set_dotted
+from patchcore.data import DataError
+from patchcore.model import ModelFileError
+
+USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError)
+
+
+def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
+    data = load_config(args.params).to_dict()
+    env_weights = os.environ.get("PATCHCORE_WEIGHTS")
+    if env_weights:
+        set_dotted(data, "backbone.weights", env_weights)
+    flags = {
+        "backbone.name": args.backbone, "backbone.layers": args.layers, "backbone.weights": args.weights,
+        "backbone.weights_sha256": args.weights_sha256, "coreset.fraction": args.coreset,
+        "runtime.seed": args.seed, "image.resize": args.resize, "image.crop": args.crop,
+        "runtime.device": args.device, "runtime.batch_size": args.batch_size,
+    }
+    if args.backbone and not args.layers:
+        set_dotted(data, "backbone.layers", None)  # another architecture: its own default layers
+    for key, value in flags.items():
+        if value is not None:
+            set_dotted(data, key, value)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        set_dotted(data, key.strip(), _yaml_value(value))
+    return PatchCoreConfig.from_dict(data)
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from patchcore.model import PatchCore
+
+    config = _config_from_args(args)
+    model = PatchCore(config).fit(args.images, progress=not args.quiet)
+    out = model.save(args.out)
+    print(f"model: {out} (memory bank {len(model.memory_bank_)} of {model.n_train_patches_} patches "
+          f"from {model.n_train_images_} images; weights {model.weights_.kind})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from patchcore.model import PatchCore
+    from patchcore.viz import write_overlays
+
+    model = PatchCore.load(args.model, device=args.device)
+    predictions = model.predict(args.images, maps=bool(args.maps), progress=not args.quiet)
+    records = predictions.records()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(records, indent=2))
+    print(f"scores: {args.out} ({len(records)} images)")
+    if args.maps:
+        written = write_overlays(predictions.items, predictions.anomaly_maps, args.maps,
+                                 model.config.image.resize, model.config.image.crop)
+        print(f"heatmaps: {args.maps} ({len(written)} PNG)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from patchcore.evaluation import evaluate
+    from patchcore.model import PatchCore
+
+    model = PatchCore.load(args.model, device=args.device)
+    result = evaluate(model, args.data, progress=not args.quiet)
+    text = json.dumps(result.summary(), indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from patchcore.synthetic import generate_product
+
+    folder = generate_product(args.out, args.product, seed=args.seed)
+    print(f"synthetic product: {folder}")
+    return 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", help="params.yaml to read the `model` section from (default: ./params.yaml or PATCHCORE_PARAMS)")
+    p.add_argument("--backbone", help="torchvision model name or timm/<name> (default wide_resnet50_2)")
+    p.add_argument("--layers", help="comma-separated layer module paths, e.g. layer2,layer3")
+    p.add_argument("--weights", help="imagenet | random | PATH to a state_dict file (default imagenet; env PATCHCORE_WEIGHTS)")
+    p.add_argument("--weights-sha256", help="expected sha256 of the weights file")
+    p.add_argument("--coreset", type=float, help="coreset fraction in (0, 1]; 1.0 keeps every patch (default 0.1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resize", type=int, help="shorter side before the centre crop (default 256)")
+    p.add_argument("--crop", type=int, help="centre crop size in pixels (default 224)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. scoring.k=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore anomaly detection (Roth et al., CVPR 2022).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="build a model from nominal images")
+    fit.add_argument("--images", required=True, help="folder (MVTec layout: uses train/good), image folder, or text file of paths")
+    fit.add_argument("--out", required=True, help="model directory to write")
+    _add_model_flags(fit)
+
+    for p in (fit,):
+        p.add_argument("--device", help="auto | cpu | cuda[:N]")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.set_defaults(func=cmd_fit)
+
+    predict = sub.add_parser("predict", help="score images with a saved model")
+    predict.add_argument("--model", required=True, help="model directory written by `patchcore fit`")
+    predict.add_argument("--images", required=True, help="image folder or text file of paths")
+    predict.add_argument("--out", required=True, help="JSON file: list of {path, score[, is_anomalous]}")
+    predict.add_argument("--maps", help="folder for heatmap overlay PNGs")
+    predict.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="metrics of a saved model on an MVTec-layout test split")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True, help="MVTec-layout folder (test/good, test/<defect>, ground_truth/)")
+    ev.add_argument("--out", help="also write the metrics JSON here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    for p in (predict, ev):
+        p.add_argument("--device", help="auto | cpu | cuda[:N]")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo-data", help="write the synthetic demo product in MVTec layout")
+    demo.add_argument("--out", default="data", help="parent folder (default: data)")
+    demo.add_argument("--product", default="tiles")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

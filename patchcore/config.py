@@ -1,0 +1,243 @@
+"""The one typed configuration of a PatchCore model.
+
+`params.yaml` at the repository root holds the defaults that the CLI, the Prefect flows and
+`dvc.yaml` all read; this module is the only place that knows the keys and their types. The
+dataclass defaults equal the paper / reference-implementation settings, so a config built in
+code without `params.yaml` is still the faithful PatchCore.
+
+Must never import prefect, mlflow, dvc or great_expectations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class BackboneConfig:
+    # torchvision model name (e.g. "wide_resnet50_2", "resnet18", "mobilenet_v2") or a timm name
+    # prefixed with "timm/" (e.g. "timm/resnet18").
+    name: str = "wide_resnet50_2"
+    # Module paths of the layers whose outputs become patch features; the first one sets the grid.
+    # None = the architecture's default pair (see patchcore.backbone.DEFAULT_LAYERS).
+    layers: list[str] | None = None
+    # "imagenet" (torchvision/timm cache), "random" (explicit random init, for tests and demos),
+    # or the path of a torchvision state_dict file.
+    weights: str = "imagenet"
+    # When set, the weights file must have this sha256 (an air-gapped install ships both).
+    weights_sha256: str | None = None
+    # Input normalisation. None = from the weights file's companion JSON when present, else
+    # ImageNet statistics. An explicit value always wins.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+@dataclass
+class ImageConfig:
+    resize: int = 256  # shorter side, before the centre crop
+    crop: int = 224  # square centre crop; anomaly maps have this resolution
+
+
+@dataclass
+class FeatureConfig:
+    patch_size: int = 3  # locally aware neighbourhood (paper: p = 3)
+    pretrain_dim: int = 1024  # each layer's flattened neighbourhood is pooled to this size
+    target_dim: int = 1024  # the stacked layers are pooled to this size (bank dimension)
+
+
+@dataclass
+class CoresetConfig:
+    method: str = "approx_greedy"  # approx_greedy | random | identity
+    fraction: float = 0.1
+    projection_dim: int = 128
+    num_starts: int = 10
+
+
+@dataclass
+class ScoringConfig:
+    k: int = 1  # nearest neighbours per patch
+    # "squared": squared L2 as faiss returns it and the reference scores it; "euclidean": the
+    # paper's L2. With k = 1 both give the same image ranking.
+    distance: str = "squared"
+    # Paper Eq. 7 reweighting of the image score by the density around the matched bank entry.
+    reweight: bool = False
+    reweight_b: int = 9  # neighbourhood size b of Eq. 7
+    knn_backend: str = "auto"  # auto | faiss | faiss-gpu | torch
+    smoothing_sigma: float = 4.0  # Gaussian sigma (pixels) applied to upsampled anomaly maps
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    num_workers: int = 2  # image decoding workers (overlap decode with the forward pass)
+    seed: int = 0
+    # Bank storage precision: float16 halves the memory of large banks; scoring uses float32.
+    bank_dtype: str = "float32"
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        c = self
+        _check(c.image.crop > 0 and c.image.resize >= c.image.crop,
+               f"image.resize ({c.image.resize}) must be >= image.crop ({c.image.crop}) > 0")
+        _check(c.features.patch_size >= 1 and c.features.patch_size % 2 == 1,
+               f"features.patch_size must be a positive odd number, got {c.features.patch_size}")
+        _check(c.features.pretrain_dim > 0 and c.features.target_dim > 0,
+               "features.pretrain_dim and features.target_dim must be positive")
+        _check(c.coreset.method in ("approx_greedy", "random", "identity"),
+               f"coreset.method must be approx_greedy, random or identity, got {c.coreset.method!r}")
+        _check(0.0 < c.coreset.fraction <= 1.0,
+               f"coreset.fraction must be in (0, 1], got {c.coreset.fraction}")
+        _check(c.scoring.k >= 1, f"scoring.k must be >= 1, got {c.scoring.k}")
+        _check(c.scoring.distance in ("squared", "euclidean"),
+               f"scoring.distance must be 'squared' or 'euclidean', got {c.scoring.distance!r}")
+        _check(c.scoring.knn_backend in ("auto", "faiss", "faiss-gpu", "torch"),
+               f"scoring.knn_backend must be auto, faiss, faiss-gpu or torch, got {c.scoring.knn_backend!r}")
+        _check(c.runtime.bank_dtype in ("float32", "float16"),
+               f"runtime.bank_dtype must be float32 or float16, got {c.runtime.bank_dtype!r}")
+        _check(c.runtime.batch_size >= 1, "runtime.batch_size must be >= 1")
+        for name in ("mean", "std"):
+            value = getattr(c.backbone, name)
+            _check(value is None or len(value) == 3, f"backbone.{name} must have 3 values, got {value}")
+
+    # -- conversion -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> PatchCoreConfig:
+        return _build(cls, data or {}, "")
+
+    def replace(self, **overrides: Any) -> PatchCoreConfig:
+        """A copy with dotted-key overrides, e.g. replace(**{"coreset.fraction": 0.01})."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            set_dotted(data, dotted, value)
+        return PatchCoreConfig.from_dict(data)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened `section.key` view (for experiment trackers and logs)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    if not key or section not in data or key not in data[section]:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    data[section][key] = value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid keys: {', '.join(where + n for n in sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    target = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    origin = typing.get_origin(target)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(target)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [item(v) for v in value]
+        if target is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if target is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return target(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
+
+
+def default_params_path() -> Path | None:
+    """`PATCHCORE_PARAMS`, else `params.yaml` in the current directory, else None."""
+    env = os.environ.get("PATCHCORE_PARAMS")
+    if env:
+        return Path(env)
+    local = Path("params.yaml")
+    return local if local.is_file() else None
+
+
+def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The whole params.yaml as a mapping (model config lives under its `model` key)."""
+    path = Path(path) if path is not None else default_params_path()
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None) -> PatchCoreConfig:
+    """The model config from params.yaml's `model` section (defaults when there is no file)."""
+    params = load_params(path)
+    try:
+        return PatchCoreConfig.from_dict(params.get("model") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path or default_params_path()}: {exc}") from None

@@ -1,0 +1,180 @@
+"""Image inputs: where images come from (MVTec-layout folder, plain folder, list file, arrays)
+and how they become normalised tensors, with errors that name the file and the problem.
+
+Must never import prefect, mlflow, dvc or great_expectations.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+GOOD = "good"
+
+
+class DataError(ValueError):
+    """An image source is missing, empty or malformed."""
+
+
+class ImageError(DataError):
+    """One file is not a readable image."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: cannot read image ({reason}); remove or replace it")
+
+    def __reduce__(self):  # survive the trip from a DataLoader worker process
+        return (ImageError, (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int | None = None  # 0 nominal, 1 anomalous, None unknown
+    defect_type: str | None = None  # "good" or the defect folder name (MVTec test split)
+    mask_path: Path | None = None
+
+
+def is_mvtec_root(path: Path) -> bool:
+    return (path / "train" / GOOD).is_dir()
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _mvtec_test(root: Path) -> list[Sample]:
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{root}: MVTec layout without a test/ folder (expected test/good, test/<defect>)")
+    samples = []
+    for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+        for path in _images_in(type_dir):
+            if type_dir.name == GOOD:
+                samples.append(Sample(path, 0, GOOD, None))
+                continue
+            mask = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
+            samples.append(Sample(path, 1, type_dir.name, mask if mask.is_file() else None))
+    return samples
+
+
+def resolve_samples(source: str | Path | Sequence[str | Path], split: str = "train") -> list[Sample]:
+    """Images from a folder in MVTec layout (its `train/good` or `test/*` split), any folder of
+    images (recursive), a text file of image paths (one per line, relative to the file), or a list."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if isinstance(source, (list, tuple)):
+        samples = [Sample(Path(p)) for p in source]
+    else:
+        src = Path(source).expanduser()
+        if src.is_dir():
+            if is_mvtec_root(src):
+                samples = ([Sample(p, 0, GOOD) for p in _images_in(src / "train" / GOOD)]
+                           if split == "train" else _mvtec_test(src))
+            else:
+                samples = [Sample(p) for p in _images_in(src)]
+        elif src.is_file():
+            lines = [ln.strip() for ln in src.read_text().splitlines()]
+            paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
+            samples = [Sample(p if p.is_absolute() else src.parent / p) for p in paths]
+            missing = [str(s.path) for s in samples if not s.path.is_file()]
+            if missing:
+                raise DataError(f"{src}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+        else:
+            raise DataError(f"{src}: no such folder or list file")
+    if not samples:
+        raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return samples
+
+
+def check_readable(paths: Sequence[Path]) -> None:
+    """Cheap pre-flight: every file opens as an image; raises one error listing every bad file."""
+    problems = []
+    for path in paths:
+        try:
+            if os.path.getsize(path) == 0:
+                raise ValueError("zero-byte file")
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
+            problems.append(ImageError(path, _reason(exc)))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        listed = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} unreadable image(s):\n  {listed}{more}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    return str(exc) or type(exc).__name__
+
+
+def load_rgb(item: str | Path | np.ndarray | Image.Image) -> Image.Image:
+    """Decode one input to an RGB PIL image (grayscale and RGBA are converted)."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+            raise DataError(f"array input must be uint8 HxW, HxWx1, HxWx3 or HxWx4, got {item.dtype} {item.shape}")
+        return Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item).convert("RGB")
+    path = Path(item)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
+        raise ImageError(path, _reason(exc)) from None
+
+
+def image_transform(resize: int, crop: int, mean, std) -> transforms.Compose:
+    # PIL-based torchvision transforms, exactly as the reference preprocesses (antialiased bilinear).
+    return transforms.Compose([
+        transforms.Resize(resize),
+        transforms.CenterCrop(crop),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def load_mask(path: Path | None, resize: int, crop: int) -> np.ndarray:
+    """Ground-truth mask resized/cropped like its image (nearest neighbour), as bool (crop, crop)."""
+    if path is None:
+        return np.zeros((crop, crop), dtype=bool)
+    with Image.open(path) as mask:
+        mask = mask.convert("L")
+        mask = transforms.CenterCrop(crop)(transforms.Resize(resize, transforms.InterpolationMode.NEAREST)(mask))
+    return np.asarray(mask) > 127
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items (paths, arrays or PIL images) -> normalised tensors; errors travel as ImageError."""
+
+    def __init__(self, items: Sequence, transform: transforms.Compose):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.items[index])), index
+
+
+def make_loader(items: Sequence, transform: transforms.Compose, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    # Workers decode and resize the next batches while the backbone runs on the current one.
+    workers = num_workers if len(items) > batch_size else 0
+    return torch.utils.data.DataLoader(
+        ImageDataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+        persistent_workers=False, prefetch_factor=2 if workers else None,
+    )

@@ -1,0 +1,411 @@
+"""The PatchCore estimator: `PatchCore(config).fit(images)`, `.predict(images)`, `.save(dir)`,
+`PatchCore.load(dir)`.
+
+fit streams patch features to a scratch file while keeping only their 128-d random projection in
+memory, selects the coreset on the projection, then reads back just the selected rows: peak memory
+stays far below the size of the full feature set. Saved models hold no pickle: a `.npy` memory
+bank, a faiss index file and `model.json` (config, weights identity, dims, checksums, threshold).
+
+Must never import prefect, mlflow, dvc or great_expectations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from patchcore.backbone import TIMM_PREFIX, FeatureExtractor, WeightsError, WeightsIdentity, build_backbone, default_layers, sha256_file
+from patchcore.config import BackboneConfig, PatchCoreConfig
+from patchcore.data import Sample, check_readable, image_transform, make_loader, resolve_samples
+from patchcore.features import patch_features
+from patchcore.knn import FaissIndex, make_index
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_JSON, BANK_FILE, INDEX_FILE = "model.json", "memory_bank.npy", "index.faiss"
+
+
+class ModelFileError(ValueError):
+    """A saved model directory is missing, incompatible or has been altered."""
+
+
+@dataclass
+class Predictions:
+    """Scores for a batch of images, in input order."""
+
+    scores: np.ndarray  # (N,) image anomaly scores
+    anomaly_maps: np.ndarray | None  # (N, crop, crop) float32, smoothed, or None
+    items: list  # the inputs (paths, arrays, ...) in order
+    threshold: float | None = None
+
+    @property
+    def is_anomalous(self) -> np.ndarray | None:
+        return None if self.threshold is None else self.scores >= self.threshold
+
+    def records(self) -> list[dict[str, Any]]:
+        flags = self.is_anomalous
+        out = []
+        for i, item in enumerate(self.items):
+            record: dict[str, Any] = {"path": str(item) if isinstance(item, (str, Path)) else None,
+                                      "score": float(self.scores[i])}
+            if flags is not None:
+                record["is_anomalous"] = bool(flags[i])
+            out.append(record)
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={name} but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
+
+
+def _as_items(images: Any) -> list:
+    """A source (folder / list file / list of paths) -> paths; arrays and PIL images pass through."""
+    if isinstance(images, (str, os.PathLike)):
+        return [s.path for s in resolve_samples(images)]
+    items = list(images)
+    if items and all(isinstance(i, Sample) for i in items):
+        return [i.path for i in items]
+    return items
+
+
+@dataclass
+class _Runtime:
+    extractor: FeatureExtractor
+    device: torch.device
+    transform: Any
+
+
+class PatchCore:
+    """PatchCore anomaly detector (Roth et al., CVPR 2022)."""
+
+    def __init__(self, config: PatchCoreConfig | None = None):
+        self.config = config if config is not None else PatchCoreConfig()
+        self._runtime: _Runtime | None = None
+        # Fitted state (set by fit / load).
+        self.weights_: WeightsIdentity | None = None
+        self.layers_: list[str] | None = None
+        self.memory_bank_: np.ndarray | None = None
+        self.index_ = None
+        self.grid_: tuple[int, int] | None = None
+        self.n_train_images_: int = 0
+        self.n_train_patches_: int = 0
+        self.threshold_: float | None = None
+        self.calibration_: dict[str, Any] = {}
+        self.provenance_: dict[str, Any] = {}
+        self.timings_: dict[str, float] = {}
+
+    # -- backbone ----------------------------------------------------------------------------
+    def _setup(self) -> _Runtime:
+        if self._runtime is None:
+            cfg = self.config
+            model, identity = build_backbone(cfg.backbone, seed=cfg.runtime.seed)
+            if self.weights_ is not None:
+                _check_same_weights(self.weights_, identity)
+            layers = cfg.backbone.layers or default_layers(cfg.backbone.name)
+            device = resolve_device(cfg.runtime.device)
+            extractor = FeatureExtractor(model, layers, timm_model=cfg.backbone.name.startswith(TIMM_PREFIX))
+            extractor = extractor.to(device=device, memory_format=torch.channels_last).eval()
+            self.weights_, self.layers_ = identity, layers
+            self._runtime = _Runtime(extractor, device, image_transform(cfg.image.resize, cfg.image.crop, identity.mean, identity.std))
+        return self._runtime
+
+    def _batch_features(self, images: torch.Tensor) -> torch.Tensor:
+        rt = self._runtime
+        images = images.to(rt.device, memory_format=torch.channels_last, non_blocking=True)
+        f = self.config.features
+        with torch.inference_mode():
+            return patch_features(rt.extractor(images), f.patch_size, f.pretrain_dim, f.target_dim)
+
+    def embed(self, images: Any, progress: bool = True, desc: str = "extracting features") -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (position, patch features of shape (h·w, target_dim) float32) per input image."""
+        rt = self._setup()
+        items = _as_items(images)
+        cfg = self.config.runtime
+        loader = make_loader(items, rt.transform, cfg.batch_size, cfg.num_workers)
+        with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+            for batch, positions in loader:
+                feats = self._batch_features(batch)
+                self.grid_ = tuple(feats.shape[1:3])
+                flat = feats.reshape(feats.shape[0], -1, feats.shape[-1]).cpu().numpy()
+                for pos, f in zip(positions.tolist(), flat):
+                    yield pos, f
+                bar.update(len(positions))
+
+    # -- fit -----------------------------------------------------------------------------
+    def fit(self, images: Any, progress: bool = True, scratch_dir: str | Path | None = None) -> PatchCore:
+        """Build the memory bank from nominal images (a folder, list file or list of paths/arrays)."""
+        items = _as_items(images)
+        paths = [p for p in items if isinstance(p, (str, Path))]
+        check_readable([Path(p) for p in paths])  # fail before any expensive work
+        self._setup()
+        start = time.perf_counter()
+        features = (f for _, f in self.embed(items, progress=progress))
+        self.fit_features(features, n_images=len(items), progress=progress, scratch_dir=scratch_dir,
+                          _extraction_start=start)
+        if paths and len(paths) == len(items):
+            self.provenance_["train_images_sha256"] = dataset_sha256(paths)
+        return self
+
+    def fit_features(self, features: Iterable[np.ndarray], n_images: int | None = None, progress: bool = True,
+                     scratch_dir: str | Path | None = None, _extraction_start: float | None = None) -> PatchCore:
+        """Build the bank from per-image patch features (each (h·w, dim)), e.g. read from a cache."""
+        from patchcore import coreset as coreset_lib
+
+        self._setup()
+        cfg = self.config
+        dim = cfg.features.target_dim
+        projected: list[torch.Tensor] = []
+        t0 = _extraction_start or time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="patchcore-fit-", dir=scratch_dir) as tmp:
+            raw = Path(tmp) / "features.f32"
+            rows = images = 0
+            with open(raw, "wb") as out:
+                for feats in features:
+                    feats = np.ascontiguousarray(feats, dtype=np.float32)
+                    if feats.ndim != 2 or feats.shape[1] != dim:
+                        raise ValueError(f"patch features must have shape (patches, {dim}), got {feats.shape}")
+                    out.write(feats.tobytes())
+                    if cfg.coreset.method == "approx_greedy" and cfg.coreset.fraction < 1.0:
+                        projected.append(coreset_lib.project(feats, cfg.coreset.projection_dim, seed=cfg.runtime.seed))
+                    rows += len(feats)
+                    images += 1
+            if rows == 0:
+                raise ValueError("no training images: the memory bank would be empty")
+            self.timings_["extract_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            selected = self._select(rows, projected, progress)
+            self.timings_["coreset_seconds"] = time.perf_counter() - t1
+            all_rows = np.memmap(raw, dtype=np.float32, mode="r", shape=(rows, dim))
+            bank = np.array(all_rows[np.sort(selected)] if selected is not None else all_rows)
+            del all_rows
+        self.memory_bank_ = bank.astype(cfg.runtime.bank_dtype)
+        self.n_train_images_, self.n_train_patches_ = n_images or images, rows
+        self.index_ = make_index(self.memory_bank_.astype(np.float32), cfg.scoring.knn_backend, self._runtime.device)
+        logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
+        return self
+
+    def _select(self, rows: int, projected: list[torch.Tensor], progress: bool) -> np.ndarray | None:
+        from patchcore import coreset as coreset_lib
+
+        c, seed = self.config.coreset, self.config.runtime.seed
+        if c.method == "identity" or c.fraction >= 1.0:
+            return None
+        if c.method == "random":
+            return coreset_lib.select_coreset(np.empty((rows, 1), np.float32), c.fraction, method="random", seed=seed, progress=False)
+        return coreset_lib.select_from_projected(
+            torch.cat(projected), c.fraction, num_starts=c.num_starts, seed=seed,
+            device=self._runtime.device, progress=progress)
+
+    # -- predict ---------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self.index_ is None:
+            raise RuntimeError("this PatchCore model is not fitted: call fit() or PatchCore.load() first")
+
+    def patch_scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P, dim) features -> (per-patch score (P,), nearest bank index (P,))."""
+        s = self.config.scoring
+        distances, indices = self.index_.search(features, s.k)
+        if s.distance == "euclidean":
+            distances = np.sqrt(np.maximum(distances, 0.0))
+        return distances.mean(axis=1), indices[:, 0]
+
+    def _image_score(self, features: np.ndarray, scores: np.ndarray, nearest: np.ndarray) -> float:
+        best = int(np.argmax(scores))
+        score = float(scores[best])
+        if not self.config.scoring.reweight:
+            return score
+        # Paper Eq. 7: down-weight the score when the matched bank entry m* sits in a dense
+        # neighbourhood, using the distances from the test patch to m*'s b nearest bank entries.
+        bank = self.memory_bank_
+        m_star = bank[nearest[best]].astype(np.float32)[None]
+        b = min(self.config.scoring.reweight_b, len(bank))
+        _, neighbours = self.index_.search(m_star, b)
+        dists = np.linalg.norm(bank[neighbours[0]].astype(np.float32) - features[best][None], axis=1)
+        d_star = float(np.linalg.norm(m_star[0] - features[best]))
+        weight = 1.0 - float(np.exp(d_star - np.logaddexp.reduce(dists.astype(np.float64))))
+        return weight * score
+
+    def anomaly_maps(self, patch_grid_scores: np.ndarray) -> np.ndarray:
+        """(B, h, w) patch scores -> (B, crop, crop) maps: bilinear upsampling, Gaussian smoothing."""
+        crop = self.config.image.crop
+        up = F.interpolate(torch.from_numpy(patch_grid_scores).float()[:, None], size=(crop, crop),
+                           mode="bilinear", align_corners=False)[:, 0].numpy()
+        sigma = self.config.scoring.smoothing_sigma
+        return np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in up]) if sigma > 0 else up
+
+    def predict(self, images: Any, maps: bool = True, progress: bool = True) -> Predictions:
+        """Score images (folder / list file / list of paths, uint8 arrays or PIL images)."""
+        self._check_fitted()
+        rt = self._setup()
+        items = _as_items(images)
+        cfg = self.config
+        loader = make_loader(items, rt.transform, cfg.runtime.batch_size, cfg.runtime.num_workers)
+        scores = np.empty(len(items), dtype=np.float64)
+        all_maps = np.empty((len(items), cfg.image.crop, cfg.image.crop), np.float32) if maps else None
+        with tqdm(total=len(items), desc="scoring", unit="img", disable=not progress) as bar:
+            for batch, positions in loader:
+                feats = self._batch_features(batch)
+                b, h, w, d = feats.shape
+                flat = feats.reshape(-1, d).cpu().numpy()
+                patch, nearest = self.patch_scores(flat)
+                patch, nearest, flat = patch.reshape(b, h * w), nearest.reshape(b, h * w), flat.reshape(b, h * w, d)
+                for i, pos in enumerate(positions.tolist()):
+                    scores[pos] = self._image_score(flat[i], patch[i], nearest[i])
+                if maps:
+                    all_maps[positions.numpy()] = self.anomaly_maps(patch.reshape(b, h, w))
+                bar.update(b)
+        return Predictions(scores, all_maps, items, self.threshold_)
+
+    # -- calibration -------------------------------------------------------------------------
+    def set_threshold(self, threshold: float, rule: str, **details: Any) -> PatchCore:
+        """Record the decision threshold (score >= threshold means anomalous) and how it was chosen."""
+        self.threshold_ = float(threshold)
+        self.calibration_ = {"rule": rule, **details}
+        return self
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write the model atomically: a half-written directory never replaces a good one."""
+        self._check_fitted()
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            np.save(tmp / BANK_FILE, self.memory_bank_, allow_pickle=False)
+            FaissIndex.from_bank(self.memory_bank_.astype(np.float32)).save(tmp / INDEX_FILE)
+            meta = {
+                "format": "patchcore-model",
+                "format_version": FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "backbone": {"name": self.config.backbone.name, "layers": self.layers_, "weights": self.weights_.to_dict()},
+                "memory_bank": {"size": int(len(self.memory_bank_)), "dim": int(self.memory_bank_.shape[1]),
+                                "dtype": str(self.memory_bank_.dtype), "train_images": self.n_train_images_,
+                                "train_patches": self.n_train_patches_, "patch_grid": list(self.grid_ or ())},
+                "threshold": self.threshold_,
+                "calibration": self.calibration_,
+                "provenance": {**self.provenance_, "torch": torch.__version__},
+                "timings": self.timings_,
+                "files": {name: sha256_file(tmp / name) for name in (BANK_FILE, INDEX_FILE)},
+            }
+            (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, weights: str | None = None, device: str | None = None) -> PatchCore:
+        """Load a saved model. `weights` re-points a file-weights model at the file's location on
+        this machine (its sha256 must match the recorded one); `device` overrides runtime.device."""
+        directory = Path(directory)
+        meta = read_model_json(directory)
+        for name, expected in meta["files"].items():
+            path = directory / name
+            if not path.is_file():
+                raise ModelFileError(f"{path}: missing from the saved model")
+            if sha256_file(path) != expected:
+                raise ModelFileError(f"{path}: checksum differs from model.json; the model was altered or corrupted")
+        try:
+            config = PatchCoreConfig.from_dict(meta["config"])
+        except ValueError as exc:
+            raise ModelFileError(f"{directory / MODEL_JSON}: invalid config ({exc})") from None
+        recorded = WeightsIdentity(**{**meta["backbone"]["weights"], "mean": tuple(meta["backbone"]["weights"]["mean"]),
+                                      "std": tuple(meta["backbone"]["weights"]["std"])})
+        backbone = config.backbone
+        if recorded.kind == "file":
+            backbone.weights = weights or os.environ.get("PATCHCORE_WEIGHTS") or recorded.source
+            backbone.weights_sha256 = recorded.sha256
+        if device is not None:
+            config.runtime.device = device
+        model = cls(config)
+        model.weights_ = recorded
+        model.layers_ = meta["backbone"]["layers"]
+        bank = np.load(directory / BANK_FILE, allow_pickle=False)
+        index = FaissIndex.read(directory / INDEX_FILE)
+        info = meta["memory_bank"]
+        if bank.shape != (info["size"], info["dim"]) or index.ntotal != len(bank) or index.dim != bank.shape[1]:
+            raise ModelFileError(f"{directory}: memory bank {bank.shape} and index ({index.ntotal}, {index.dim}) "
+                                 f"do not match model.json ({info['size']}, {info['dim']})")
+        model.memory_bank_ = bank
+        model.grid_ = tuple(info.get("patch_grid") or ()) or None
+        model.n_train_images_, model.n_train_patches_ = info["train_images"], info["train_patches"]
+        model.threshold_ = meta.get("threshold")
+        model.calibration_ = meta.get("calibration") or {}
+        model.provenance_ = meta.get("provenance") or {}
+        model.timings_ = meta.get("timings") or {}
+        model._setup()  # rebuilds the backbone and refuses weights that differ from the record
+        model.index_ = make_index(bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device,
+                                  cpu_index=index.index)
+        return model
+
+
+def read_model_json(directory: Path) -> dict[str, Any]:
+    path = directory / MODEL_JSON
+    if not path.is_file():
+        raise ModelFileError(f"{directory}: not a saved PatchCore model (no {MODEL_JSON})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
+    if meta.get("format") != "patchcore-model":
+        raise ModelFileError(f"{path}: not a PatchCore model file")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: format version {meta.get('format_version')} is not supported "
+                             f"by this version of patchcore (expects {FORMAT_VERSION})")
+    for key in ("config", "backbone", "memory_bank", "files"):
+        if key not in meta:
+            raise ModelFileError(f"{path}: missing key {key!r}")
+    return meta
+
+
+def _check_same_weights(recorded: WeightsIdentity, actual: WeightsIdentity) -> None:
+    if recorded.kind != actual.kind or (recorded.sha256 and recorded.sha256 != actual.sha256):
+        raise WeightsError(f"backbone weights differ from the ones this model was built with: recorded "
+                           f"{recorded.kind} {recorded.source} (sha256 {recorded.sha256}), got {actual.kind} "
+                           f"{actual.source} (sha256 {actual.sha256})")
+    if recorded.kind == "random" and recorded.source != actual.source:
+        raise WeightsError(f"random backbone seed differs: model was built with {recorded.source}, got {actual.source}")
+    if tuple(recorded.mean) != tuple(actual.mean) or tuple(recorded.std) != tuple(actual.std):
+        raise WeightsError(f"input normalisation differs from the one this model was built with: recorded "
+                           f"mean {list(recorded.mean)} std {list(recorded.std)} ({recorded.normalization_source}), "
+                           f"now mean {list(actual.mean)} std {list(actual.std)} ({actual.normalization_source})")
+
+
+def dataset_sha256(paths: Sequence[str | Path]) -> str:
+    """Content hash of an image set: independent of file order and names (sorted file hashes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for h in sorted(sha256_file(p) for p in paths):
+        digest.update(h.encode())
+    return digest.hexdigest()
+
+
+__all__ = ["PatchCore", "Predictions", "ModelFileError", "BackboneConfig", "dataset_sha256"]

@@ -1,0 +1,83 @@
+"""The `patchcore` command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from patchcore.cli import main
+
+TINY = ["--backbone", "resnet18", "--weights", "random", "--resize", "112", "--crop", "96",
+        "--set", "features.pretrain_dim=256", "--set", "features.target_dim=256", "--set", "runtime.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def cli_model(product, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["fit", "--images", str(product), "--out", str(out), "--coreset", "0.1", "--quiet", *TINY]) == 0
+    return out
+
+
+def test_fit_writes_a_model_with_the_flags_applied(cli_model):
+    meta = json.loads((cli_model / "model.json").read_text())
+    assert meta["config"]["backbone"]["name"] == "resnet18"
+    assert meta["backbone"]["layers"] == ["layer2", "layer3"]
+    assert meta["config"]["coreset"]["fraction"] == 0.1
+    assert meta["backbone"]["weights"]["kind"] == "random"
+
+
+def test_predict_writes_scores_and_heatmaps(cli_model, product, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    assert main(["predict", "--model", str(cli_model), "--images", str(product / "test"), "--out", str(out),
+                 "--maps", str(tmp_path / "maps"), "--quiet"]) == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 26 and all(set(r) == {"path", "score"} for r in records)
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 26  # names include the defect folder: no clashes
+    assert "heatmaps:" in capsys.readouterr().out
+
+
+def test_threshold_adds_is_anomalous(cli_model, product, tmp_path):
+    from patchcore import PatchCore
+
+    model = PatchCore.load(cli_model)
+    model.set_threshold(0.0, rule="everything")
+    model.save(tmp_path / "m")
+    out = tmp_path / "s.json"
+    main(["predict", "--model", str(tmp_path / "m"), "--images", str(product / "test" / "spot"), "--out", str(out), "--quiet"])
+    assert all(r["is_anomalous"] is True for r in json.loads(out.read_text()))
+
+
+def test_evaluate_prints_metrics(cli_model, product, capsys):
+    assert main(["evaluate", "--model", str(cli_model), "--data", str(product), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"image_auroc", "pixel_auroc", "pro", "f1_threshold"} <= set(report["metrics"])
+
+
+def test_bad_input_exits_non_zero_with_the_file_named(tmp_path, product):
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    run = subprocess.run([sys.executable, "-m", "patchcore.cli", "fit", "--images", str(bad), "--out", str(tmp_path / "m"),
+                          *TINY], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "a.png: cannot read image" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_unknown_setting_is_a_clear_error(tmp_path, product, capsys):
+    assert main(["fit", "--images", str(product), "--out", str(tmp_path / "m"), "--set", "coreset.speed=9"]) == 2
+    assert "unknown config key 'coreset.speed'" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
+    assert "not a saved PatchCore model" in capsys.readouterr().err
+
+
+def test_patchcore_weights_env_is_used(monkeypatch, tmp_path, product, capsys):
+    monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path / "factory.pth"))
+    assert main(["fit", "--images", str(product), "--out", str(tmp_path / "m"), "--backbone", "resnet18"]) == 2
+    assert "factory.pth not found" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""Patch features follow the reference definition; nearest-neighbour search is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchcore.features import patch_features
+from patchcore.knn import FaissIndex, TorchIndex, make_index
+
+
+def _reference_definition(maps, patch_size, pretrain_dim, target_dim):
+    """Straight from the definition: unfold every layer, resize the UNPOOLED neighbourhood maps
+    of deeper layers onto the first grid, then pool each layer and the stack."""
+    grid = maps[0].shape[-2:]
+    per_layer = []
+    for fmap in maps:
+        b, c, h, w = fmap.shape
+        unfolded = F.unfold(fmap, patch_size, padding=patch_size // 2).reshape(b, c * patch_size**2, h, w)
+        if (h, w) != grid:
+            unfolded = F.interpolate(unfolded, size=tuple(grid), mode="bilinear", align_corners=False)
+        vectors = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, c * patch_size**2)
+        per_layer.append(F.adaptive_avg_pool1d(vectors, pretrain_dim)[:, 0])
+    stacked = torch.stack(per_layer, dim=1).reshape(len(per_layer[0]), 1, -1)
+    return F.adaptive_avg_pool1d(stacked, target_dim)[:, 0]
+
+
+@pytest.mark.parametrize("channels,dims", [((64, 96), (128, 100)), ((40, 72), (256, 256))])
+def test_patch_features_equal_the_reference_definition(channels, dims):
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, channels[0], 12, 10, generator=gen), torch.randn(2, channels[1], 6, 5, generator=gen)]
+    ours = patch_features(maps, 3, *dims)
+    assert ours.shape == (2, 12, 10, dims[1])
+    expected = _reference_definition(maps, 3, *dims)
+    torch.testing.assert_close(ours.reshape(-1, dims[1]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbourhood_matters():
+    # A change at one position moves the features of its 3x3 neighbours and nothing further away.
+    fmap = torch.zeros(1, 8, 9, 9)
+    changed = fmap.clone()
+    changed[0, :, 4, 4] = 1.0
+    diff = (patch_features([changed], 3, 16, 16) - patch_features([fmap], 3, 16, 16)).abs().sum(-1)[0]
+    touched = torch.nonzero(diff > 0).tolist()
+    assert sorted(touched) == [[y, x] for y in (3, 4, 5) for x in (3, 4, 5)]
+
+
+def _brute_force(bank, queries, k):
+    d2 = ((queries[:, None, :].astype(np.float64) - bank[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d2, order, axis=1), order
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_equals_brute_force(backend, k):
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(500, 32)).astype(np.float32)
+    queries = rng.normal(size=(64, 32)).astype(np.float32)
+    index = make_index(bank, backend=backend, device="cpu")
+    distances, indices = index.search(queries, k)
+    expected_d, expected_i = _brute_force(bank, queries, k)
+    np.testing.assert_array_equal(indices, expected_i)
+    np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_backend_is_faiss_on_cpu_and_index_round_trips(tmp_path):
+    bank = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
+    index = make_index(bank, backend="auto", device="cpu")
+    assert isinstance(index, FaissIndex)
+    index.save(tmp_path / "i.faiss")
+    again = FaissIndex.read(tmp_path / "i.faiss")
+    np.testing.assert_array_equal(again.search(bank[:5], 1)[1][:, 0], np.arange(5))
+
+
+def test_torch_backend_chunks_queries():
+    bank = np.random.default_rng(2).normal(size=(40, 8)).astype(np.float32)
+    index = TorchIndex(bank, "cpu", query_chunk=7)
+    np.testing.assert_array_equal(index.search(bank, 1)[1][:, 0], np.arange(40))
+
+
+def test_faiss_gpu_request_without_gpu_support_is_a_clear_error():
+    bank = np.zeros((4, 4), np.float32)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="cannot run on a GPU"):
+        make_index(bank, backend="faiss-gpu", device="cpu")
