@@ -128,9 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="model directory to write")
     _add_model_flags(fit)
 
-    for p in (fit,):
-        p.add_argument("--device", help="auto | cpu | cuda[:N]")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="score images with a saved model")
@@ -146,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the metrics JSON here")
     ev.set_defaults(func=cmd_evaluate)
 
-    for p in (predict, ev):
+    for p in (fit, predict, ev):
         p.add_argument("--device", help="auto | cpu | cuda[:N]")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -159,13 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, user_errors: tuple = ()) -> int:
+    """Parse, run the chosen command, turn expected failures into one line on stderr and exit 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except USER_ERRORS + tuple(user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
