@@ -89,10 +89,18 @@ def test_faiss_gpu_request_without_gpu_support_is_a_clear_error():
         make_index(bank, backend="faiss-gpu", device="cpu")
 
 
-def test_whole_channel_bins_take_the_pooling_shortcut_with_the_same_numbers():
-    # C == dim and C == 2·dim: each pooled value averages whole 3x3 neighbourhoods of channels.
+@pytest.mark.parametrize("channels", [(48, 32), (48, 64), (512, 1024), (24, 40, 56)])
+def test_channel_layouts_of_real_backbones_give_the_same_numbers(channels):
+    # (512, 1024) is wide_resnet50_2's layer2/layer3 at pretrain/target 1024; three layers work too.
     gen = torch.Generator().manual_seed(1)
-    for channels in (32, 64):
-        maps = [torch.randn(1, 48, 8, 8, generator=gen), torch.randn(1, channels, 4, 4, generator=gen)]
-        torch.testing.assert_close(patch_features(maps, 3, 32, 32).reshape(-1, 32),
-                                   _reference_definition(maps, 3, 32, 32), rtol=1e-5, atol=1e-6)
+    dim = 1024 if channels[0] == 512 else 32
+    maps = [torch.randn(1, c, 8 // (2 ** min(i, 1)), 8 // (2 ** min(i, 1)), generator=gen) for i, c in enumerate(channels)]
+    torch.testing.assert_close(patch_features(maps, 3, dim, dim).reshape(-1, dim),
+                               _reference_definition(maps, 3, dim, dim), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_size_five_matches_too():
+    gen = torch.Generator().manual_seed(2)
+    maps = [torch.randn(2, 16, 10, 10, generator=gen), torch.randn(2, 24, 5, 5, generator=gen)]
+    torch.testing.assert_close(patch_features(maps, 5, 64, 48).reshape(-1, 48),
+                               _reference_definition(maps, 5, 64, 48), rtol=1e-5, atol=1e-5)
