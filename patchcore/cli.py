@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,10 +25,7 @@ USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileErr
 
 
 def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
-    data = load_config(args.params).to_dict()
-    env_weights = os.environ.get("PATCHCORE_WEIGHTS")
-    if env_weights:
-        set_dotted(data, "backbone.weights", env_weights)
+    data = load_config(args.params).to_dict()  # params.yaml + PATCHCORE_WEIGHTS / PATCHCORE_BACKBONE
     flags = {
         "backbone.name": args.backbone, "backbone.layers": args.layers, "backbone.weights": args.weights,
         "backbone.weights_sha256": args.weights_sha256, "coreset.fraction": args.coreset,

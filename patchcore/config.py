@@ -234,10 +234,28 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None) -> PatchCoreConfig:
-    """The model config from params.yaml's `model` section (defaults when there is no file)."""
+# Environment variables that point an installation at its backbone without editing params.yaml
+# (an air-gapped factory ships one weights file): they override the file, flags override them.
+ENV_OVERRIDES = {"PATCHCORE_WEIGHTS": "backbone.weights", "PATCHCORE_BACKBONE": "backbone.name"}
+
+
+def env_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    """Apply ENV_OVERRIDES to a config mapping in place; a new backbone gets its default layers."""
+    for env, key in ENV_OVERRIDES.items():
+        value = os.environ.get(env)
+        if value:
+            set_dotted(data, key, value)
+            if key == "backbone.name":
+                set_dotted(data, "backbone.layers", None)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, use_env: bool = True) -> PatchCoreConfig:
+    """The model config from params.yaml's `model` section (defaults when there is no file),
+    with PATCHCORE_WEIGHTS / PATCHCORE_BACKBONE applied unless use_env is False."""
     params = load_params(path)
     try:
-        return PatchCoreConfig.from_dict(params.get("model") or {})
+        data = PatchCoreConfig.from_dict(params.get("model") or {}).to_dict()
+        return PatchCoreConfig.from_dict(env_overrides(data) if use_env else data)
     except ConfigError as exc:
         raise ConfigError(f"{path or default_params_path()}: {exc}") from None

@@ -18,7 +18,15 @@ from tests.conftest import REPO, tiny_config
 
 
 def test_params_yaml_holds_exactly_the_code_defaults():
-    assert load_config(REPO / "params.yaml") == PatchCoreConfig()
+    assert load_config(REPO / "params.yaml", use_env=False) == PatchCoreConfig()
+
+
+def test_environment_points_the_install_at_its_backbone(monkeypatch):
+    monkeypatch.setenv("PATCHCORE_WEIGHTS", "/opt/factory/mnv2.pth")
+    monkeypatch.setenv("PATCHCORE_BACKBONE", "mobilenet_v2")
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.backbone.weights == "/opt/factory/mnv2.pth" and cfg.backbone.name == "mobilenet_v2"
+    assert cfg.backbone.layers is None  # the architecture's own default pair, not wide_resnet's
 
 
 def test_unknown_and_invalid_keys_are_named(tmp_path):
