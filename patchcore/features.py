@@ -27,10 +27,23 @@ import torch
 import torch.nn.functional as F
 
 
+def _pooling_bins(length: int, out_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's adaptive-pooling bins: bin i covers [floor(i·L/n), ceil((i+1)·L/n))."""
+    i = torch.arange(out_dim, dtype=torch.int64)
+    starts = (i * length) // out_dim
+    ends = -((-(i + 1) * length) // out_dim)
+    return starts, ends - starts
+
+
 def _pooling_matrix(length: int, out_dim: int) -> torch.Tensor:
-    """(out_dim, length) matrix of 1-D adaptive average pooling, from the torch op itself."""
-    eye = torch.eye(length, dtype=torch.float64)[:, None, :]
-    return F.adaptive_avg_pool1d(eye, out_dim)[:, 0, :].T.contiguous()
+    """(out_dim, length) float64 matrix of 1-D adaptive average pooling (tests check it against
+    F.adaptive_avg_pool1d)."""
+    starts, widths = _pooling_bins(length, out_dim)
+    matrix = torch.zeros(out_dim, length, dtype=torch.float64)
+    for j in range(int(widths.max())):
+        rows = torch.nonzero(j < widths).flatten()
+        matrix[rows, starts[rows] + j] = 1.0 / widths[rows].double()
+    return matrix
 
 
 @dataclass(frozen=True)
@@ -51,11 +64,17 @@ class _LayerMap:
 
 @functools.lru_cache(maxsize=16)
 def _layer_maps(channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int) -> tuple[_LayerMap, ...]:
-    merge = _pooling_matrix(len(channels) * pretrain_dim, target_dim)  # (target, L·pretrain)
+    merge_starts, merge_widths = _pooling_bins(len(channels) * pretrain_dim, target_dim)
     maps = []
     for layer, c in enumerate(channels):
         neighbourhood = c * patch_size * patch_size
-        composed = merge[:, layer * pretrain_dim:(layer + 1) * pretrain_dim] @ _pooling_matrix(neighbourhood, pretrain_dim)
+        pre = _pooling_matrix(neighbourhood, pretrain_dim)  # (pretrain, C·p·p)
+        # composed = merge[:, this layer's block] @ pre; merge rows have only a few non-zeros
+        composed = torch.zeros(target_dim, neighbourhood, dtype=torch.float64)
+        for j in range(int(merge_widths.max())):
+            source = merge_starts + j - layer * pretrain_dim  # row of `pre` that bin element j reads
+            use = (j < merge_widths) & (source >= 0) & (source < pretrain_dim)
+            composed[use] += pre[source[use]] / merge_widths[use, None].double()
         composed = composed.reshape(target_dim, c, patch_size, patch_size)  # (target, C, p, p)
         touched = composed.abs().sum(dim=(2, 3)) > 0  # (target, C)
         rows = torch.nonzero(touched.any(dim=1)).flatten()

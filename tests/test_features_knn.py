@@ -99,6 +99,14 @@ def test_channel_layouts_of_real_backbones_give_the_same_numbers(channels):
                                _reference_definition(maps, 3, dim, dim), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length,out", [(10, 4), (4608, 1024), (2048, 1024), (7, 7), (5, 9)])
+def test_pooling_matrix_is_torchs_adaptive_average_pooling(length, out):
+    from patchcore.features import _pooling_matrix
+
+    x = torch.randn(3, 1, length, dtype=torch.float64)
+    torch.testing.assert_close(x[:, 0] @ _pooling_matrix(length, out).T, F.adaptive_avg_pool1d(x, out)[:, 0])
+
+
 def test_patch_size_five_matches_too():
     gen = torch.Generator().manual_seed(2)
     maps = [torch.randn(2, 16, 10, 10, generator=gen), torch.randn(2, 24, 5, 5, generator=gen)]
