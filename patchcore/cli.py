@@ -95,7 +95,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from patchcore.synthetic import generate_product
 
-    folder = generate_product(args.out, args.product, seed=args.seed)
+    folder = generate_product(args.out, args.product, seed=args.seed, size_px=args.size)
     print(f"synthetic product: {folder}")
     return 0
 
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data", help="parent folder (default: data)")
     demo.add_argument("--product", default="tiles")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--size", type=int, default=256, help="image side in pixels (default 256: not below the 224 crop)")
     demo.set_defaults(func=cmd_demo_data)
     return parser
 

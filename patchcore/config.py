@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if type(None) in typing.get_args(hint):
             return None
         raise ConfigError(f"{key} must not be empty")
-    target = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    target = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+        target = next(a for a in typing.get_args(hint) if a is not type(None))
     origin = typing.get_origin(target)
     try:
         if origin is list:

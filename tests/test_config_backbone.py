@@ -147,3 +147,16 @@ def test_timm_backbones_work_by_prefix():
         model, _ = build_backbone(BackboneConfig(name="timm/resnet18", weights="random"))
     outputs = FeatureExtractor(model, ["layer2", "layer3"], timm_model=True)(torch.zeros(1, 3, 64, 64))
     assert [tuple(o.shape[1:]) for o in outputs] == [(128, 8, 8), (256, 4, 4)]
+
+
+def test_plain_list_fields_are_read_as_lists():
+    from dataclasses import dataclass
+
+    from patchcore.config import _build
+
+    @dataclass
+    class Section:
+        names: list[str]
+
+    assert _build(Section, {"names": "a, b"}, "").names == ["a", "b"]
+    assert _build(Section, {"names": ["x"]}, "").names == ["x"]
