@@ -27,23 +27,32 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# Main job on the embedded default: synthetic product -> fit -> evaluate -> predict with heatmaps.
-# Random backbone weights unless PATCHCORE_WEIGHTS points at a real weights file.
+# The whole pipeline on the embedded default (offline): synthetic product -> Prefect flow `train`
+# (validate, extract, coreset, evaluate, calibrate, register in MLflow) -> `promote` -> `inspect` ->
+# `status`. Random backbone weights, flagged as such, unless PATCHCORE_WEIGHTS names a weights file;
+# a random-weights model is promoted only because the demo passes --allow-random-weights.
+# DEMO_SETTINGS adds `--set key=value` overrides (e.g. --set model.backbone.name=resnet18 for speed).
+DEMO_SIZE ?= 256
+DEMO_SETTINGS ?=
+demo: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
 demo: install
 	@mkdir -p $(PATCHCORE_HOME)
-	$(PATCHCORE) demo-data --out data --product $(PRODUCT)
-	$(PATCHCORE) fit --images data/$(PRODUCT) --out $(PATCHCORE_HOME)/models/$(PRODUCT) \
-	    $(if $(PATCHCORE_WEIGHTS),,--weights random)
-	$(PATCHCORE) evaluate --model $(PATCHCORE_HOME)/models/$(PRODUCT) --data data/$(PRODUCT) \
-	    --out $(PATCHCORE_HOME)/reports/$(PRODUCT)-metrics.json --quiet
-	$(PATCHCORE) predict --model $(PATCHCORE_HOME)/models/$(PRODUCT) --images data/$(PRODUCT)/test \
-	    --out $(PATCHCORE_HOME)/reports/$(PRODUCT)-scores.json --maps $(PATCHCORE_HOME)/reports/$(PRODUCT)-heatmaps --quiet
+	$(PY) -m patchcore.synthetic --out data --product $(PRODUCT) --size $(DEMO_SIZE)
+	$(PATCHCORE) train --product $(PRODUCT) --data data/$(PRODUCT) $(if $(PATCHCORE_WEIGHTS),,--weights random) $(DEMO_SETTINGS)
+	$(PATCHCORE) promote --product $(PRODUCT) $(if $(PATCHCORE_WEIGHTS),,--allow-random-weights) $(DEMO_SETTINGS)
+	@printf '%s\n' $(CURDIR)/data/$(PRODUCT)/test/good/000.png $(CURDIR)/data/$(PRODUCT)/test/good/001.png \
+	    $(CURDIR)/data/$(PRODUCT)/test/scratch/000.png $(CURDIR)/data/$(PRODUCT)/test/spot/000.png \
+	    $(CURDIR)/data/$(PRODUCT)/test/missing/000.png > $(PATCHCORE_HOME)/demo-images.txt
+	$(PATCHCORE) inspect --product $(PRODUCT) --images $(PATCHCORE_HOME)/demo-images.txt --out $(PATCHCORE_HOME)/inspect/$(PRODUCT)
+	$(PATCHCORE) status --product $(PRODUCT)
 	@echo
-	@echo "Done. Look at:"
-	@echo "  model:    $(PATCHCORE_HOME)/models/$(PRODUCT)/model.json"
-	@echo "  metrics:  $(PATCHCORE_HOME)/reports/$(PRODUCT)-metrics.json"
-	@echo "  scores:   $(PATCHCORE_HOME)/reports/$(PRODUCT)-scores.json"
-	@echo "  heatmaps: $(PATCHCORE_HOME)/reports/$(PRODUCT)-heatmaps/"
+	@echo "Done. Where to look:"
+	@echo "  MLflow runs, models, aliases:  $(VENV)/bin/mlflow ui --backend-store-uri $$($(PATCHCORE) status --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tracking_uri"])')"
+	@echo "                                 then open http://127.0.0.1:5000"
+	@echo "  Prefect flow runs, artifacts:  PREFECT_HOME=$(PREFECT_HOME) $(VENV)/bin/prefect server start"
+	@echo "                                 then open http://127.0.0.1:4200"
+	@echo "  inspected images:              $(PATCHCORE_HOME)/inspect/$(PRODUCT)/scores.csv and heatmaps/"
+	@echo "  the serving model:             mlflow.pyfunc.load_model(\"models:/patchcore-$(PRODUCT)@champion\")"
 
 # Fast suite (slow, real-data and real-weights tests included when their inputs exist).
 test: install

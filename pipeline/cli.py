@@ -18,7 +18,9 @@ def build_parser():
 
 def _registrars():
     # Pipeline modules add their commands here: each exposes register(subparsers).
-    return []
+    from pipeline import commands, data_commands
+
+    return [data_commands.register, commands.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ patchcore.config owns). Loaded once, shared by the Prefect flows, the DVC stages
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,129 @@ from patchcore.config import ConfigError, PatchCoreConfig, _build, load_params
 
 
 @dataclass
+class ValidationConfig:
+    """Parameters of the Great Expectations suite that every nominal image set must pass before a
+    model is trained on it (the suite itself: pipeline/expectations/nominal_images.yaml)."""
+
+    min_images: int = 10  # fewer nominal images than this fails the set
+    # PIL format names. (Typed Optional only because patchcore.config._coerce reads a plain
+    # list[str] hint as str; null is rejected below.)
+    formats: list[str] | None = field(default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF"])
+    # Smallest accepted width/height; None = model.image.crop (smaller images would be upsampled).
+    min_side_px: int | None = None
+    max_side_px: int = 10000  # larger sides fail (decompression-bomb guard)
+    max_pixels: int = 40_000_000  # width x height above this fails, and the file is never decoded
+    # Drift against the previously accepted version of the same product (skipped for a first
+    # version): each image's luminance mean and contrast (luminance std) must lie within
+    # accepted mean +- drift_band_std * accepted std (for at least drift_mostly of the images),
+    # and the set's average within accepted mean +- drift_set_band_std * accepted std.
+    drift_band_std: float = 4.0
+    drift_mostly: float = 0.95
+    drift_set_band_std: float = 1.0
+    drift_min_band: float = 2.0  # a band is never narrower than +- this many grey levels (0-255)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "validation.min_images must be >= 1": self.min_images >= 1,
+            "validation.formats must not be empty": bool(self.formats),
+            "validation.min_side_px must be >= 1 or null": self.min_side_px is None or self.min_side_px >= 1,
+            "validation.max_side_px and max_pixels must be positive": self.max_side_px > 0 and self.max_pixels > 0,
+            "validation.drift_mostly must be in (0, 1]": 0.0 < self.drift_mostly <= 1.0,
+            "validation.drift_* bands must be positive": min(self.drift_band_std, self.drift_set_band_std) > 0
+            and self.drift_min_band >= 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """The image sets under data/ (one MVTec-layout folder per product, versioned by data.dvc) that
+    `dvc repro` builds a model for: dvc.yaml runs its stages once per product listed here."""
+
+    # (Typed Optional only for patchcore.config._coerce, as validation.formats; null is rejected.)
+    products: list[str] | None = field(default_factory=lambda: ["tiles"])
+
+    def __post_init__(self) -> None:
+        if not self.products or any(not p or "/" in p or p in (".", "..") for p in self.products):
+            raise ConfigError(f"data.products must be a list of product folder names under data/, got {self.products}")
+
+
+@dataclass
+class PipelineConfig:
+    """How the training flow splits, calibrates and reports (params.yaml `pipeline:`)."""
+
+    # Share of train/good kept out of the memory bank and always scored: the held-out nominal
+    # split. Membership is decided per image by a keyed hash of its content (seeded), so adding
+    # images to a product rarely moves an existing image between the bank and the held-out split.
+    holdout_fraction: float = 0.2
+    holdout_seed: int = 0
+    # With labelled defects (test/<defect>): this share of the labelled test images (stratified by
+    # type, seeded by holdout_seed) picks the F1-optimal threshold; the rest reports precision,
+    # recall, FPR and errors at it. Too few images to split: picked and reported on the same images,
+    # and the report says so.
+    calibration_fraction: float = 0.5
+    # Cold start (nominal images only): the lowest threshold that flags at most target_fpr of the
+    # held-out nominal images (the (1 - target_fpr) quantile of their scores, resolution 1/n).
+    target_fpr: float = 0.01
+    # Heatmap overlays in the MLflow grid artifact (worst misses and false alarms first).
+    heatmap_grid_size: int = 16
+
+    def __post_init__(self) -> None:
+        checks = {
+            f"pipeline.holdout_fraction must be in (0, 1), got {self.holdout_fraction}": 0.0 < self.holdout_fraction < 1.0,
+            f"pipeline.calibration_fraction must be in (0, 1), got {self.calibration_fraction}": 0.0 < self.calibration_fraction < 1.0,
+            f"pipeline.target_fpr must be in [0, 1), got {self.target_fpr}": 0.0 <= self.target_fpr < 1.0,
+            f"pipeline.heatmap_grid_size must be >= 0, got {self.heatmap_grid_size}": self.heatmap_grid_size >= 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ConfigError(message)
+
+
+PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "pro", "f1_max")
+
+
+@dataclass
+class PromotionConfig:
+    """The gate that moves the `champion` alias (params.yaml `promotion:`)."""
+
+    metric: str = "image_auroc"  # image_auroc | pixel_auroc | pro | f1_max, on the pinned evaluation set
+    tolerance: float = 0.01  # the challenger may score this much below the champion and still win
+    # Absolute floors every champion must pass (the first model of a product has nothing to beat).
+    min_metric: float = 0.8
+    # The challenger's FPR at its own threshold on its held-out nominal split must not exceed this.
+    max_heldout_fpr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.metric not in PROMOTION_METRICS:
+            raise ConfigError(f"promotion.metric must be one of {', '.join(PROMOTION_METRICS)}, got {self.metric!r}")
+        if self.tolerance < 0 or not 0.0 <= self.max_heldout_fpr <= 1.0:
+            raise ConfigError("promotion.tolerance must be >= 0 and promotion.max_heldout_fpr in [0, 1]")
+
+
+@dataclass
+class MlflowConfig:
+    """Where runs and registered models go (params.yaml `mlflow:`)."""
+
+    # null: MLFLOW_TRACKING_URI, else sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db with artifacts in
+    # $PATCHCORE_HOME/mlflow/artifacts (`mlflow ui --backend-store-uri <that uri>` shows the runs).
+    tracking_uri: str | None = None
+    # Experiment and registered model of a product are both named <name_prefix><product>.
+    name_prefix: str = "patchcore-"
+
+
+@dataclass
 class Params:
     """The whole params.yaml. Sections other than `model` are added by the pipeline modules."""
 
     model: PatchCoreConfig = field(default_factory=PatchCoreConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Params:
@@ -28,3 +148,44 @@ def load(path: str | Path | None = None) -> Params:
         return Params.from_dict(load_params(path))
     except ConfigError as exc:
         raise ConfigError(f"{path or 'params.yaml'}: {exc}") from None
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """The settings as plain JSON-able data (what Prefect flow parameters and MLflow params take)."""
+    return dataclasses.asdict(params)
+
+
+def flat_params(params: Params) -> dict[str, Any]:
+    """`section.key[.key]` view of every setting, e.g. {"model.coreset.fraction": 0.1, ...}."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            out[prefix] = value
+
+    walk("", params_to_dict(params))
+    return out
+
+
+def with_overrides(params: Params, overrides: dict[str, Any] | None) -> Params:
+    """A copy with dotted-key overrides such as {"model.backbone.weights": "random"}; unknown keys
+    are a ConfigError naming the key."""
+    data = params_to_dict(params)
+    for dotted, value in (overrides or {}).items():
+        node, *path, last = dotted.split(".")
+        target = data.get(node)
+        for part in path:
+            target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict) or last not in target:
+            raise ConfigError(f"unknown setting {dotted!r} (keys look like model.coreset.fraction, "
+                              f"pipeline.holdout_fraction, promotion.metric)")
+        target[last] = value
+    return Params.from_dict(data)
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml (see load) with dotted overrides applied; what every flow and command starts from."""
+    return with_overrides(load(path), overrides)

@@ -1,0 +1,329 @@
+"""`patchcore train | evaluate | promote | rollback | inspect | status`: the training pipeline and
+the model registry on the command line.
+
+    patchcore train --product tiles [--data data/tiles] [--weights random] [--set model.coreset.fraction=0.05]
+    patchcore promote --product tiles [--allow-random-weights]     exit 1 when the gate rejects
+    patchcore rollback --product tiles
+    patchcore inspect --product tiles --images DIR --out DIR [--alias champion | --version N]
+    patchcore evaluate --product tiles [--alias champion | --version N] [--data DIR]
+    patchcore status [--product tiles] [--json]
+
+Settings: params.yaml (--params or PATCHCORE_PARAMS), then --weights, then --set (dotted keys of any
+section). The tracking store: mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else
+sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db. Expected failures (unknown product, no champion yet,
+tracking store unreachable, bad data) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REGISTRY_ALIASES = ("champion", "challenger", "previous")
+
+
+def register(sub) -> None:
+    _replace(sub, "evaluate")
+    tr = sub.add_parser("train", help="run the training flow: validate, extract, coreset, evaluate, calibrate, register",
+                        description="Run the Prefect flow `train-product-model`: a product's images become a new "
+                        "registered model version with alias `challenger`.")
+    _product(tr)
+    tr.add_argument("--data", help="the product's folder in MVTec layout (default data/<product>)")
+    tr.add_argument("--weights", help="backbone weights: imagenet | random | PATH (shortcut for --set model.backbone.weights=...)")
+    _settings(tr)
+    tr.add_argument("--json", action="store_true", help="print the result as JSON")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="metrics of a registered version (or a model folder) on labelled images",
+                        description="With --product: score a registered version on the product's test split. "
+                        "With --model: a saved PatchCore folder (the library command).")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--product", help="product whose registered model to evaluate")
+    which.add_argument("--model", help="a saved PatchCore folder instead of a registered model")
+    _version(ev)
+    ev.add_argument("--data", help="MVTec-layout folder whose test/ split is scored (default: the folder the version "
+                                   "was trained on; required with --model)")
+    ev.add_argument("--out", help="also write the metrics JSON here")
+    ev.add_argument("--params", help="params.yaml (for mlflow.tracking_uri)")
+    ev.add_argument("--device", help="auto | cpu | cuda[:N] (with --model)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars (with --model)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("promote", help="run the promotion gate: challenger vs champion on a pinned evaluation set",
+                        description="Run the Prefect flow `promote-product-model`. Exit 0 when the challenger is "
+                        "(or already was) champion, 1 when the gate rejects it.")
+    _product(pr)
+    pr.add_argument("--data", help="folder whose test/ split is the evaluation set (default: the challenger's data folder)")
+    pr.add_argument("--allow-random-weights", action="store_true",
+                    help="let a model built on RANDOM backbone weights become champion (demos only)")
+    _settings(pr)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="move alias champion back to the previous champion")
+    _product(rb)
+    rb.add_argument("--params", help="params.yaml (for mlflow.tracking_uri)")
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(func=cmd_rollback)
+
+    ins = sub.add_parser("inspect", help="score a folder of images with a registered model: CSV/JSON + heatmap PNGs")
+    _product(ins)
+    ins.add_argument("--images", required=True, help="image folder (recursive), MVTec test/ folder or a text file of paths")
+    ins.add_argument("--out", required=True, help="output folder: scores.csv, scores.json, heatmaps/")
+    _version(ins)
+    ins.add_argument("--no-maps", action="store_true", help="skip the heatmap PNGs")
+    ins.add_argument("--params", help="params.yaml (for mlflow.tracking_uri)")
+    ins.set_defaults(func=cmd_inspect)
+
+    st = sub.add_parser("status", help="champion / challenger / previous of each product, with their numbers")
+    st.add_argument("--product", help="only this product")
+    st.add_argument("--params", help="params.yaml (for mlflow.tracking_uri)")
+    st.add_argument("--json", action="store_true", help="machine-readable, including the tracking URI")
+    st.set_defaults(func=cmd_status)
+
+
+# -- argument helpers ------------------------------------------------------------------------------
+def _replace(sub, name: str) -> None:
+    """Drop a sub-command registered earlier (the library's `evaluate`; ours accepts its form too)."""
+    sub._name_parser_map.pop(name, None)
+    sub.choices.pop(name, None)
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
+
+
+def _product(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--product", required=True, help="product name (registered model patchcore-<product>)")
+
+
+def _version(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--alias", choices=REGISTRY_ALIASES, help="registry alias (default champion)")
+    g.add_argument("--version", help="model version number")
+
+
+def _settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", help="params.yaml (default ./params.yaml or PATCHCORE_PARAMS)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override any setting, e.g. model.coreset.fraction=0.05 or promotion.tolerance=0.02 (repeatable)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from patchcore.config import ConfigError
+
+    out: dict[str, Any] = {}
+    if getattr(args, "weights", None):
+        out["model.backbone.weights"] = args.weights
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    if os.environ.get("PATCHCORE_WEIGHTS") and "model.backbone.weights" not in out:
+        out["model.backbone.weights"] = os.environ["PATCHCORE_WEIGHTS"]
+    return out
+
+
+def _settings_from(args: argparse.Namespace):
+    from pipeline.config import load_settings
+
+    return load_settings(getattr(args, "params", None), _overrides(args) if hasattr(args, "set") else None)
+
+
+def _registry(args: argparse.Namespace):
+    from pipeline.registry import Registry
+
+    return Registry(_settings_from(args).mlflow)
+
+
+def _user_errors(func):
+    """Registry errors the user can fix become one line on stderr and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from pipeline.registry import RegistryError
+
+        try:
+            return func(args)
+        except RegistryError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+class _RunNameFilter(logging.Filter):
+    """Prefix Prefect run log lines with the task or flow run's name ("[extract features-1d6] ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        if name and not getattr(record, "_run_name_shown", False):
+            record.msg, record._run_name_shown = f"[{str(name).replace('%', '%%')}] {record.msg}", True
+        return True
+
+
+def _quiet_prefect_defaults() -> None:
+    # Every HTTP call to the Prefect API would otherwise be an INFO line.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RunNameFilter) for f in handler.filters):
+            handler.addFilter(_RunNameFilter())
+    # The same offline-friendly defaults `make` sets, for people who call the console script directly.
+    for key, value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+                       ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")):
+        os.environ.setdefault(key, value)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+@_user_errors
+def cmd_train(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    _registry(args)  # fail now, not after the training, when the tracking store is unreachable (or settings are bad)
+    from flows.train import train
+
+    result = train(args.product, args.data or f"data/{args.product}", args.params, _overrides(args))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    reg, c, m = result["registry"], result["calibration"], result["metrics"]
+    print()
+    print(f"registered {reg['name']} version {reg['version']} (alias challenger); run {reg['run_id']}")
+    if reg["random_weights"]:
+        print("  WARNING: RANDOM backbone weights: not for production; promotion needs --allow-random-weights")
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in m)
+    print(f"  {shown or 'no labelled defects: held-out nominal scores only'}")
+    print(f"  threshold {c['threshold']:.6g} ({c['rule']}); held-out FPR {c['heldout_fpr']:.3f}; memory bank "
+          f"{result['bank_size']} patches; features {result['features']['n_extracted']} extracted, "
+          f"{result['features']['n_cached']} cached")
+    print(f"  tracking store: {reg['tracking_uri']} (experiment and registered model {reg['name']})")
+    return 0
+
+
+@_user_errors
+def cmd_promote(args: argparse.Namespace) -> int:
+    _quiet_prefect_defaults()
+    registry = _registry(args)
+    registry.require_product(args.product)
+    registry.version(args.product, "challenger")  # "no challenger" before a flow run is started
+    from flows.promote import promote
+
+    result = promote(args.product, args.data, args.params, _overrides(args), allow_random_weights=args.allow_random_weights)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print()
+        print(("PROMOTED: " if result["promote"] else "NOT PROMOTED: " if result.get("outcome") != "unchanged" else "")
+              + result["summary"])
+        for reason in result.get("reasons", []):
+            print(f"  - {reason}")
+        for note in result.get("notes", []):
+            print(f"  note: {note}")
+        if "aliases" in result:
+            print(f"  aliases: {', '.join(f'{a}=v{v}' for a, v in sorted(result['aliases'].items()))}")
+    return 0 if result["promote"] or result.get("outcome") == "unchanged" else 1
+
+
+@_user_errors
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from pipeline.promotion import rollback
+
+    result = rollback(_registry(args), args.product)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"rolled back {args.product}: champion v{result['from_version']} -> v{result['to_version']}; aliases "
+              + ", ".join(f"{a}=v{v}" for a, v in sorted(result["aliases"].items())))
+    return 0
+
+
+@_user_errors
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from patchcore import PatchCore
+    from patchcore.viz import write_overlays
+
+    registry = _registry(args)
+    version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
+    model = PatchCore.load(registry.download(args.product, version.version))
+    predictions = model.predict(args.images, maps=not args.no_maps, progress=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"path": str(item), "score": float(score), "is_anomalous": bool(score >= model.threshold_),
+             "threshold": model.threshold_} for item, score in zip(predictions.items, predictions.scores)]
+    with open(out / "scores.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "scores.json").write_text(json.dumps({
+        "product": args.product, "model": registry.model_name(args.product), "version": str(version.version),
+        "alias": args.alias or ("champion" if args.version is None else None), "tracking_uri": registry.uri,
+        "threshold": model.threshold_, "threshold_rule": model.calibration_.get("rule"), "images": rows}, indent=2))
+    written = [] if args.no_maps else write_overlays(predictions.items, predictions.anomaly_maps, out / "heatmaps",
+                                                     model.config.image.resize, model.config.image.crop)
+    flagged = sum(r["is_anomalous"] for r in rows)
+    print(f"{len(rows)} images scored with {registry.model_name(args.product)} v{version.version}: {flagged} anomalous "
+          f"(threshold {model.threshold_:.6g})")
+    print(f"  {out / 'scores.csv'}, {out / 'scores.json'}" + (f", {len(written)} heatmaps in {out / 'heatmaps'}" if written else ""))
+    return 0
+
+
+@_user_errors
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.model:
+        from patchcore.cli import cmd_evaluate as library_evaluate
+
+        if not args.data:
+            from patchcore.config import ConfigError
+
+            raise ConfigError("--data is required with --model")
+        return library_evaluate(args)
+    from pipeline.promotion import pin_evaluation_set, score_version
+
+    registry = _registry(args)
+    version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
+    data = args.data or version.tags.get("data_root") or f"data/{args.product}"
+    eval_set = pin_evaluation_set(data)
+    scores = score_version(registry, args.product, str(version.version), eval_set)
+    report = {"product": args.product, "version": str(version.version), "eval_set_sha256": eval_set["eval_set_sha256"],
+              "data": data, **scores}
+    text = json.dumps(report, indent=2, default=str)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+@_user_errors
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.promotion import status
+
+    report = status(_registry(args), args.product)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"tracking store: {report['tracking_uri']}")
+    if not report["products"]:
+        print("no products registered yet: run `patchcore train --product NAME`")
+    for product, entry in report["products"].items():
+        print(f"\n{product} ({entry['registered_model']}, latest v{entry['latest_version']})")
+        for alias in REGISTRY_ALIASES:
+            info = entry["aliases"].get(alias)
+            if info is None:
+                print(f"  {alias:<10} -")
+                continue
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items() if v is not None)
+            fpr = info["heldout_fpr"]
+            print(f"  {alias:<10} v{info['version']:<4} {shown or 'no labelled metrics'}  threshold "
+                  f"{info['threshold']:.6g} ({info['threshold_rule']})  held-out FPR "
+                  f"{'-' if fpr is None else f'{fpr:.3f}'}  data {info['data_version']}  weights {info['weights']}")
+        if "champion" not in entry["aliases"]:
+            print(f"  no champion yet: `patchcore promote --product {product}`")
+    return 0

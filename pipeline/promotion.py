@@ -1,0 +1,266 @@
+"""The promotion gate as plain functions (the Prefect flow flows/promote.py and the CLI call these):
+pin an evaluation set, re-score `challenger` and `champion` on it, decide, then move the aliases
+and record the decision on both versions and in an MLflow run. Also rollback and status.
+
+The gate (params.yaml `promotion:`), in order:
+  1. a challenger built on random backbone weights is refused unless allow_random_weights;
+  2. its FPR at its own threshold on its held-out nominal split must be <= max_heldout_fpr;
+  3. its `metric` on the pinned evaluation set must be >= min_metric;
+  4. with a champion, it must be >= the champion's metric (same images) - tolerance.
+When the evaluation set has no labelled defects, 3 and 4 cannot be measured: the decision says so
+and rests on 1 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchcore import metrics
+from patchcore.paths import home
+
+from pipeline import steps
+from pipeline.config import PromotionConfig
+from pipeline.registry import CHALLENGER, CHAMPION, PREVIOUS, NoSuchAlias, Registry, RegistryError, now_iso
+
+
+def candidates(registry: Registry, product: str) -> dict[str, Any]:
+    """The challenger and champion versions (champion None for a product's first model)."""
+    challenger = registry.version(product, CHALLENGER)
+    try:
+        champion = registry.version(product, CHAMPION)
+    except NoSuchAlias:
+        champion = None
+    return {"challenger": describe(challenger), "champion": describe(champion) if champion else None}
+
+
+def describe(version) -> dict[str, Any]:
+    tags = dict(version.tags)
+    return {"version": str(version.version), "run_id": version.run_id, "tags": tags,
+            "random_weights": tags.get("random_weights") == "true",
+            "heldout_fpr": float(tags["heldout_fpr"]) if "heldout_fpr" in tags else None,
+            "threshold": float(tags["threshold"]) if "threshold" in tags else None,
+            "data_root": tags.get("data_root") or None}
+
+
+def pin_evaluation_set(data_root: str | Path) -> dict[str, Any]:
+    """The labelled test split of a product folder, pinned by content: every image's sha256 is in
+    eval_sets/<eval_set_sha256>.json and the hash goes into the decision. A product without test/
+    images (cold start) gives an empty set: the metric comparison is then impossible and the
+    decision says so."""
+    info = steps.fingerprint_dataset(data_root)
+    manifest = steps.load_manifest(info["manifest"])
+    test = [e for e in manifest["images"] if e["split"] == "test"]  # may be empty: a cold-start product
+    key = steps.content_key([(e["path"], e["sha256"], e["label"], e["mask_sha256"]) for e in test], length=64)
+    pinned = {"root": manifest["root"], "eval_set_sha256": key, "data_version": manifest["data_version"], "images": test}
+    path = steps.write_json(home() / "eval_sets" / f"{key}.json", pinned)
+    return {"eval_set": str(path), "eval_set_sha256": key, "n_good": sum(e["label"] == 0 for e in test),
+            "n_defect": sum(e["label"] == 1 for e in test)}
+
+
+def score_version(registry: Registry, product: str, version: str, eval_set: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of one registered version on the pinned evaluation set (cached per version + set)."""
+    from patchcore import PatchCore
+
+    cached = (home() / "eval_sets" / "scores" /
+              f"{registry.model_name(product)}-{registry.version_key(product, version)}-{eval_set['eval_set_sha256'][:16]}.json")
+    if cached.is_file():
+        return steps.read_json(cached)
+    start = time.perf_counter()
+    pinned = steps.read_json(eval_set["eval_set"])
+    model = PatchCore.load(registry.download(product, version))
+    if not pinned["images"]:
+        return {"version": str(version), "threshold": model.threshold_, "at_threshold": {}, "eval_fpr": None,
+                "per_defect_type": {}, "seconds": time.perf_counter() - start}
+    split = {"mode": "labelled" if eval_set["n_good"] and eval_set["n_defect"] else "nominal-only",
+             "holdout": [], "calibration": [], "report": []}
+    records = _score(model, pinned, split)
+    labels = np.array([r["label"] for r in records["records"]])
+    scores = np.array([r["score"] for r in records["records"]])
+    out: dict[str, Any] = {"version": str(version), "threshold": model.threshold_, **records["metrics"]}
+    out["at_threshold"] = metrics.confusion_at(labels, scores, model.threshold_) if model.threshold_ is not None else {}
+    out["eval_fpr"] = out["at_threshold"].get("fpr") if (labels == 0).any() else None
+    out["seconds"] = time.perf_counter() - start
+    steps.write_json(cached, out)
+    return out
+
+
+def _score(model, pinned: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
+    manifest = {"root": pinned["root"], "images": pinned["images"]}
+    records = [{"path": e["path"], "split": steps.TEST, "label": e["label"], "defect_type": e["defect_type"],
+                "role": None, "mask": e["mask"]} for e in sorted(pinned["images"], key=lambda e: e["path"])]
+    predictions = model.predict([steps._abs(manifest, r["path"]) for r in records], maps=True, progress=False)
+    for record, score in zip(records, predictions.scores):
+        record["score"] = float(score)
+    out_metrics: dict[str, Any] = {}
+    per_type: dict[str, Any] = {}
+    if split["mode"] == "labelled":
+        out_metrics = steps.labelled_metrics(model, manifest, records, predictions.anomaly_maps, per_type)
+    return {"records": records, "metrics": {**out_metrics, "per_defect_type": per_type}}
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, challenger_scores: dict[str, Any],
+           champion_scores: dict[str, Any] | None, cfg: PromotionConfig, allow_random_weights: bool = False) -> dict[str, Any]:
+    """Promote or not, with every number and reason (pure: no registry access)."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    name = cfg.metric
+    value = challenger_scores.get(name)
+    reference = champion_scores.get(name) if champion_scores else None
+    if challenger["random_weights"] and not allow_random_weights:
+        reasons.append("built on RANDOM backbone weights (pass --allow-random-weights to promote it anyway, e.g. for a demo)")
+    elif challenger["random_weights"]:
+        notes.append("built on RANDOM backbone weights: promoted only because --allow-random-weights was given")
+    fpr = challenger.get("heldout_fpr")
+    if fpr is None:
+        reasons.append("no held-out FPR recorded for the challenger")
+    elif fpr > cfg.max_heldout_fpr:
+        reasons.append(f"held-out FPR at its threshold {fpr:.3f} > max_heldout_fpr {cfg.max_heldout_fpr:.3f}")
+    if value is None:
+        notes.append(f"{name} cannot be measured on the evaluation set (no labelled defects): decided on the "
+                     "weights and held-out FPR checks only")
+    else:
+        if value < cfg.min_metric:
+            reasons.append(f"{name} {value:.4f} < min_metric {cfg.min_metric:.4f}")
+        if champion is not None and reference is not None and value < reference - cfg.tolerance:
+            reasons.append(f"{name} {value:.4f} is worse than the champion's {reference:.4f} by more than the "
+                           f"tolerance {cfg.tolerance:.4f}")
+    promote = not reasons
+    if champion is None:
+        summary = ("first model: becomes champion" if promote else "first model: not promoted")
+    else:
+        delta = "" if value is None or reference is None else f" ({name} {value:.4f} vs {reference:.4f})"
+        summary = (f"v{challenger['version']} replaces v{champion['version']}{delta}" if promote
+                   else f"v{champion['version']} stays champion{delta}")
+    return {"promote": promote, "summary": summary, "reasons": reasons, "notes": notes, "metric": name,
+            "challenger_version": challenger["version"], "champion_version": champion["version"] if champion else None,
+            "challenger_metric": value, "champion_metric": reference, "challenger_heldout_fpr": fpr,
+            "challenger_eval_fpr": challenger_scores.get("eval_fpr"),
+            "champion_eval_fpr": champion_scores.get("eval_fpr") if champion_scores else None,
+            "settings": {"metric": name, "tolerance": cfg.tolerance, "min_metric": cfg.min_metric,
+                         "max_heldout_fpr": cfg.max_heldout_fpr, "allow_random_weights": allow_random_weights}}
+
+
+def apply_decision(registry: Registry, product: str, decision: dict[str, Any], eval_set: dict[str, Any],
+                   scores: dict[str, Any]) -> dict[str, Any]:
+    """Move the aliases when promoted (old champion -> `previous`), tag both versions and log the
+    decision as an MLflow run in the product's experiment."""
+    import mlflow
+
+    challenger, champion = decision["challenger_version"], decision["champion_version"]
+    outcome = "promoted" if decision["promote"] else "rejected"
+    stamp = now_iso()
+    if decision["promote"]:
+        history = registry.history(product) or ([champion] if champion else [])
+        registry.set_alias(product, CHAMPION, challenger)
+        if champion:
+            registry.set_alias(product, PREVIOUS, champion)
+        registry.set_history(product, history + [challenger])
+    registry.tag_version(product, challenger, {
+        "promotion": outcome, "promotion_at": stamp, "promotion_summary": decision["summary"],
+        "promotion_reasons": "; ".join(decision["reasons"]) or "none", "promotion_eval_set": eval_set["eval_set_sha256"][:16],
+        f"promotion_{decision['metric']}": decision["challenger_metric"], "promotion_vs": champion or "none"})
+    if champion:
+        registry.tag_version(product, champion, {
+            "challenged_by": challenger, "challenged_at": stamp, "challenge_outcome": outcome,
+            f"challenge_{decision['metric']}": decision["champion_metric"]})
+    with mlflow.start_run(experiment_id=registry.experiment_id(product),
+                          run_name=f"promote-v{challenger}" + (f"-vs-v{champion}" if champion else "")) as run:
+        mlflow.log_params({f"promotion.{k}": v for k, v in decision["settings"].items()})
+        mlflow.log_metrics({k: float(v) for k, v in {
+            "challenger_metric": decision["challenger_metric"], "champion_metric": decision["champion_metric"],
+            "challenger_heldout_fpr": decision["challenger_heldout_fpr"],
+            "challenger_eval_fpr": decision["challenger_eval_fpr"], "champion_eval_fpr": decision["champion_eval_fpr"],
+            "promoted": float(decision["promote"])}.items() if v is not None})
+        mlflow.set_tags({"kind": "promotion", "decision": outcome, "challenger_version": challenger,
+                         "champion_version": champion or "none", "eval_set_sha256": eval_set["eval_set_sha256"],
+                         "mlflow.note.content": decision_markdown(product, decision, eval_set)})
+        mlflow.log_dict({"decision": decision, "eval_set": eval_set, "scores": scores}, "decision.json")
+        mlflow.log_artifact(eval_set["eval_set"], artifact_path="eval_set")
+    return {**decision, "outcome": outcome, "run_id": run.info.run_id, "at": stamp,
+            "aliases": registry.aliases(product)}
+
+
+def rollback(registry: Registry, product: str) -> dict[str, Any]:
+    """Move `champion` back to `previous`; the one before that (if any) becomes `previous`."""
+    import mlflow
+
+    aliases = registry.aliases(product)
+    if CHAMPION not in aliases:
+        raise NoSuchAlias(f"no champion yet for {product!r}: nothing to roll back")
+    current = aliases[CHAMPION]
+    history = registry.history(product) or [v for v in (aliases.get(PREVIOUS), current) if v]
+    if history and history[-1] == current:
+        history = history[:-1]
+    if not history:
+        raise NoSuchAlias(f"no previous champion for {product!r}: v{current} is the only champion so far")
+    target = history[-1]
+    registry.set_alias(product, CHAMPION, target)
+    registry.set_alias(product, PREVIOUS, history[-2] if len(history) > 1 else None)
+    registry.set_history(product, history)
+    stamp = now_iso()
+    registry.tag_version(product, current, {"rolled_back_at": stamp, "rolled_back_to": target})
+    with mlflow.start_run(experiment_id=registry.experiment_id(product), run_name=f"rollback-v{current}-to-v{target}") as run:
+        mlflow.set_tags({"kind": "rollback", "from_version": current, "to_version": target})
+    return {"product": product, "from_version": current, "to_version": target, "run_id": run.info.run_id,
+            "aliases": registry.aliases(product)}
+
+
+def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
+    """Per product: the versions behind champion / challenger / previous with their numbers."""
+    products = [product] if product else registry.products()
+    out: dict[str, Any] = {"tracking_uri": registry.uri, "products": {}}
+    for name in products:
+        model = registry.require_product(name)
+        entry: dict[str, Any] = {"registered_model": model.name, "aliases": {}, "champion_history": registry.history(name)}
+        for alias, version in sorted(model.aliases.items()):
+            mv = registry.client.get_model_version(model.name, version)
+            tags = dict(mv.tags)
+            entry["aliases"][alias] = {
+                "version": str(version), "run_id": mv.run_id, "created": mv.creation_timestamp,
+                "threshold": _number(tags.get("threshold")), "threshold_rule": tags.get("threshold_rule"),
+                "data_version": tags.get("data_version"), "weights": tags.get("weights"),
+                "heldout_fpr": _number(tags.get("heldout_fpr")),
+                "metrics": {k: _number(tags[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in tags},
+                "promotion": tags.get("promotion"),
+            }
+        latest = registry.client.search_model_versions(f"name = '{model.name}'", max_results=1,
+                                                       order_by=["version_number DESC"])
+        entry["latest_version"] = str(latest[0].version) if latest else None
+        out["products"][name] = entry
+    return out
+
+
+def decision_markdown(product: str, decision: dict[str, Any], eval_set: dict[str, Any]) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = [f"# Promotion for `{product}`: **{'PROMOTED' if decision['promote'] else 'REJECTED'}**", "",
+             decision["summary"], "",
+             "| | challenger | champion |", "|---|---|---|",
+             f"| version | v{decision['challenger_version']} | {('v' + decision['champion_version']) if decision['champion_version'] else '-'} |",
+             f"| {decision['metric']} (pinned set) | {fmt(decision['challenger_metric'])} | {fmt(decision['champion_metric'])} |",
+             f"| FPR at own threshold, pinned set | {fmt(decision['challenger_eval_fpr'])} | {fmt(decision['champion_eval_fpr'])} |",
+             f"| held-out FPR (training) | {fmt(decision['challenger_heldout_fpr'])} | |", "",
+             f"Evaluation set `{eval_set['eval_set_sha256'][:16]}`: {eval_set['n_good']} good, {eval_set['n_defect']} defective images.",
+             f"Settings: {json.dumps(decision['settings'])}"]
+    if decision["reasons"]:
+        lines += ["", "Rejected because:"] + [f"- {r}" for r in decision["reasons"]]
+    if decision["notes"]:
+        lines += ["", "Notes:"] + [f"- {n}" for n in decision["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+__all__ = ["candidates", "pin_evaluation_set", "score_version", "decide", "apply_decision", "rollback", "status",
+           "RegistryError"]

@@ -1,0 +1,369 @@
+"""MLflow tracking and the model registry: one experiment and one registered model per product
+(`<prefix><product>`, default `patchcore-<product>`), each version an `mlflow.pyfunc` model whose
+artifact is the saved PatchCore directory; aliases `challenger` (newest trained), `champion`
+(serving) and `previous` (the champion before it). Stages are not used (deprecated in MLflow 3).
+
+The tracking URI is `mlflow.tracking_uri` from params.yaml, else MLFLOW_TRACKING_URI, else a SQLite
+store under PATCHCORE_HOME (`sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db`, artifacts beside it in
+`artifacts/`), which `mlflow ui --backend-store-uri <uri>` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from patchcore.paths import home
+
+from pipeline.config import MlflowConfig, Params, flat_params
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
+RANDOM_WEIGHTS_TAG = "RANDOM (not for production)"
+HISTORY_TAG = "champion_history"  # registered-model tag: versions that were champion, oldest first
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PATCHCORE_PACKAGE = Path(__file__).resolve().parents[1] / "patchcore"
+MODEL_ARTIFACT = "patchcore_model"
+# What a serving machine installs besides the bundled `patchcore` package (pinned to this machine's).
+SERVING_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "scipy", "pillow",
+                        "pyyaml", "tqdm", "pandas")
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be served as asked (the message says what to do)."""
+
+
+class TrackingStoreUnreachable(RegistryError):
+    pass
+
+
+class UnknownProduct(RegistryError):
+    pass
+
+
+class NoSuchAlias(RegistryError):
+    pass
+
+
+# -- where -----------------------------------------------------------------------------------------
+def default_tracking_uri() -> str:
+    return f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(cfg: MlflowConfig) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _local_artifact_root(uri: str) -> Path | None:
+    """Artifacts of a local store go beside it; a tracking server decides for itself."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path) / "artifacts"
+    return None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingStoreUnreachable(f"tracking store {uri}: cannot create {db.parent} ({exc}); "
+                                           "set mlflow.tracking_uri or MLFLOW_TRACKING_URI") from None
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise TrackingStoreUnreachable(f"tracking store {uri}: {db} is not readable and writable")
+    elif parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingStoreUnreachable(
+                f"tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); start the server "
+                "(`mlflow server ...`) or point mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere") from None
+
+
+def serving_requirements() -> list[str]:
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+# -- the registry ------------------------------------------------------------------------------------
+class Registry:
+    """The tracking store and model registry of every product, behind one connection."""
+
+    def __init__(self, cfg: MlflowConfig | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        cfg = cfg or MlflowConfig()
+        self.uri = resolve_tracking_uri(cfg)
+        self.prefix = cfg.name_prefix
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    # names
+    def model_name(self, product: str) -> str:
+        return f"{self.prefix}{product}"
+
+    def products(self) -> list[str]:
+        models = self.client.search_registered_models(filter_string=f"name LIKE '{self.prefix}%'")
+        return sorted(m.name.removeprefix(self.prefix) for m in models)
+
+    def require_product(self, product: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.model_name(product))
+        except MlflowException:
+            known = self.products()
+            raise UnknownProduct(
+                f"unknown product {product!r}: no registered model {self.model_name(product)!r} at {self.uri}"
+                + (f" (known: {', '.join(known)})" if known else " (nothing registered yet: run `patchcore train`)")
+            ) from None
+
+    def experiment_id(self, product: str) -> str:
+        name = self.model_name(product)
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        root = _local_artifact_root(self.uri)
+        location = (root / name).as_uri() if root else None
+        return self.client.create_experiment(name, artifact_location=location, tags={"product": product})
+
+    # versions and aliases
+    def version(self, product: str, alias: str | None = None, version: str | int | None = None):
+        """The ModelVersion behind an alias (or a version number); NoSuchAlias if it is not set."""
+        from mlflow.exceptions import MlflowException
+
+        self.require_product(product)
+        name = self.model_name(product)
+        if version is not None:
+            try:
+                return self.client.get_model_version(name, str(version))
+            except MlflowException:
+                raise RegistryError(f"{name} has no version {version}") from None
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            hint = {CHAMPION: f"no champion yet for {product!r}: run `patchcore promote --product {product}`",
+                    CHALLENGER: f"no challenger for {product!r}: run `patchcore train --product {product}`",
+                    PREVIOUS: f"no previous champion for {product!r} (alias 'previous' is set when a promotion "
+                              "replaces a champion)"}
+            raise NoSuchAlias(hint.get(alias, f"{name} has no alias {alias!r}")) from None
+
+    def aliases(self, product: str) -> dict[str, str]:
+        return {alias: str(version) for alias, version in self.require_product(product).aliases.items()}
+
+    def history(self, product: str) -> list[str]:
+        text = self.require_product(product).tags.get(HISTORY_TAG, "")
+        return [v for v in text.split(",") if v]
+
+    def set_alias(self, product: str, alias: str, version: str | None) -> None:
+        name = self.model_name(product)
+        if version is None:
+            if alias in self.aliases(product):
+                self.client.delete_registered_model_alias(name, alias)
+        else:
+            self.client.set_registered_model_alias(name, alias, str(version))
+
+    def set_history(self, product: str, versions: list[str]) -> None:
+        self.client.set_registered_model_tag(self.model_name(product), HISTORY_TAG, ",".join(versions))
+
+    def tag_version(self, product: str, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name(product), str(version), key, _tag_value(value))
+
+    def version_key(self, product: str, version: str) -> str:
+        """A version number plus its run: stays unique if a store is deleted and numbering restarts."""
+        mv = self.client.get_model_version(self.model_name(product), str(version))
+        return f"v{version}-{(mv.run_id or 'norun')[:12]}"
+
+    def download(self, product: str, version: str) -> Path:
+        """The PatchCore directory of a registered version (cached: versions are immutable)."""
+        import mlflow
+        import yaml
+
+        name = self.model_name(product)
+        target = home() / "registry-cache" / name / self.version_key(product, version)
+        if not (target / "MLmodel").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        mlmodel = yaml.safe_load((target / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
+        return target / relative
+
+    # training runs
+    def log_training(self, product: str, params: Params, record: dict[str, Any]) -> dict[str, Any]:
+        """Log a finished training (params, metrics, tags, artifacts, the pyfunc model) as one run and
+        register it as a new version with alias `challenger`. Called last, after every step
+        succeeded: a failure before registration leaves a FAILED run and no version."""
+        import mlflow
+
+        from pipeline.data_version import DataVersion
+        from pipeline.steps import summary_markdown
+
+        name = self.model_name(product)
+        model_dir = Path(record["model_dir"])
+        meta = json.loads((model_dir / "model.json").read_text())
+        weights = meta["backbone"]["weights"]
+        is_random = weights["kind"] == "random"
+        calibration = record["calibration"]
+        metrics = training_metrics(record)
+        tags = {
+            "product": product, "data_version": record["data_version"], "data_root": record["data_root"],
+            "git_commit": record["git"]["commit"], "git_dirty": record["git"]["dirty"],
+            "backbone": meta["backbone"]["name"], "layers": ",".join(meta["backbone"]["layers"]),
+            "weights": RANDOM_WEIGHTS_TAG if is_random else weights["kind"],
+            "weights_source": weights["source"], "weights_sha256": weights["sha256"] or "none",
+            "random_weights": is_random, "feature_identity": record["feature_identity"],
+            "threshold_rule": calibration["rule"], "mode": calibration["mode"],
+            "figures_measured_on": calibration["report_on"],
+        }
+        tags |= DataVersion.from_dict(record["data_version_record"]).tags()
+        run_name = f"train-{product}-{record['data_version'][:8]}" + ("-RANDOM-WEIGHTS" if is_random else "")
+        with mlflow.start_run(experiment_id=self.experiment_id(product), run_name=run_name) as run:
+            mlflow.log_params({k: _param_value(v) for k, v in flat_params(params).items()}
+                              | {"product": product, "data_root": record["data_root"]})
+            mlflow.log_metrics(metrics)
+            mlflow.set_tags({k: _tag_value(v) for k, v in tags.items()})
+            for folder, entries in record["artifacts"].items():
+                for entry in entries:
+                    path, logged_as = (Path(entry[0]), entry[1]) if isinstance(entry, (list, tuple)) else (Path(entry), None)
+                    if path.is_dir():
+                        mlflow.log_artifacts(str(path), artifact_path=f"{folder}/{path.name}")
+                    elif logged_as:
+                        mlflow.log_dict(json.loads(path.read_text()), f"{folder}/{logged_as}")
+                    else:
+                        mlflow.log_artifact(str(path), artifact_path=folder)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Operation with range is deprecated")  # inside MLflow
+                info = self._log_pyfunc(model_dir, meta, record, calibration, tags)
+            version_tags = {k: v for k, v in tags.items()
+                            if k in ("data_version", "data_root", "weights", "weights_source", "backbone", "threshold_rule",
+                                     "git_commit", "random_weights", "mode") or k.startswith("data.")}
+            version_tags |= {"threshold": calibration["threshold"], "run_id": run.info.run_id,
+                             "heldout_fpr": calibration["heldout_fpr"], "bank_size": record["bank_size"]}
+            version_tags |= {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in metrics}
+            version = mlflow.register_model(info.model_uri, name, tags={k: _tag_value(v) for k, v in version_tags.items()})
+            description = (f"PatchCore for {product}: threshold {calibration['threshold']:.6g} ({calibration['rule']}), "
+                           f"data {record['data_version']}, weights {tags['weights']}")
+            self.client.update_model_version(name, version.version, description=description)
+            self.set_alias(product, CHALLENGER, version.version)
+            registered = {"name": name, "version": str(version.version), "run_id": run.info.run_id,
+                          "model_uri": f"models:/{name}/{version.version}", "logged_model_uri": info.model_uri,
+                          "tracking_uri": self.uri, "experiment_id": run.info.experiment_id, "random_weights": is_random}
+            mlflow.set_tag("mlflow.note.content", summary_markdown(record | {"registry": registered}))
+        return registered
+
+    def _log_pyfunc(self, model_dir: Path, meta: dict[str, Any], record: dict[str, Any], calibration: dict[str, Any],
+                    tags: dict[str, Any]):
+        """The promotable model: pyfunc from code (pyfunc_model.py) + the PatchCore folder + the
+        `patchcore` package, with signature, input example and pinned requirements."""
+        import mlflow
+
+        with tempfile.TemporaryDirectory(prefix="patchcore-code-") as tmp:
+            package = Path(tmp) / "patchcore"  # the library's sources only: no __pycache__
+            shutil.copytree(PATCHCORE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            return mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE), artifacts={MODEL_ARTIFACT: str(model_dir)},
+                code_paths=[str(package)], signature=model_signature(),
+                input_example=_input_example(record.get("input_example"), meta), pip_requirements=serving_requirements(),
+                metadata={"threshold": calibration["threshold"], "threshold_rule": calibration["rule"],
+                          "data_version": record["data_version"], "weights": tags["weights"]},
+            )
+
+
+def training_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The run's metrics: AUROCs, PRO, F1, thresholds, held-out FPR, figures at the threshold, bank
+    size, per-defect-type AUROC/PRO and seconds per stage."""
+    result = record
+    c, m = result["calibration"], result["metrics"]
+    out: dict[str, float] = {k: m[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold") if k in m}
+    out |= {"threshold": c["threshold"], "heldout_fpr": c["heldout_fpr"], "heldout_false_alarms": c["heldout_false_alarms"],
+            "bank_size": result["bank_size"], "n_bank_images": result["n_bank"], "n_heldout_images": c["n_heldout"]}
+    if "threshold_recall100" in c:
+        out["threshold_recall100"] = c["threshold_recall100"]
+        out |= {f"recall100_{k}": float(v) for k, v in c["at_recall100"].items() if k in ("precision", "recall", "fpr")}
+    out |= {f"report_{k}": float(v) for k, v in (c.get("at_threshold") or {}).items()}
+    for defect, row in result.get("per_defect_type", {}).items():
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in defect)
+        out |= {f"{k}.{safe}": v for k, v in row.items() if k in ("image_auroc", "pro")}
+    out |= {f"seconds_{stage}": float(s) for stage, s in result["seconds"].items()}
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomalous"), ColSpec("double", "threshold")]),
+        params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
+    )
+
+
+def _input_example(image_path: str | None, meta: dict[str, Any]):
+    """One nominal image, shrunk to the model's resize side and PNG-encoded (keeps the example small)."""
+    if image_path is None:
+        return None
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    with Image.open(image_path) as image:
+        image = image.convert("RGB")
+        side = meta["config"]["image"]["resize"]
+        if min(image.size) > side:
+            image.thumbnail((side * image.size[0] // min(image.size), side * image.size[1] // min(image.size)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

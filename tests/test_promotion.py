@@ -1,0 +1,198 @@
+"""The promotion gate and the registry aliases, on a temporary SQLite MLflow store: a better, an
+equal and a worse challenger, the first model, rollback. The step functions are called directly
+here (the Prefect flow that composes them is exercised in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import REPO, tiny_config
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from pipeline import promotion, steps  # noqa: E402
+from pipeline.config import PromotionConfig, load_settings  # noqa: E402
+from pipeline.registry import NoSuchAlias, Registry, UnknownProduct  # noqa: E402
+
+TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
+        for key, value in values.items()}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("promotion")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATCHCORE_HOME", str(root / "home"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        settings = load_settings(None, TINY | {"promotion.min_metric": 0.0, "promotion.max_heldout_fpr": 1.0})
+        yield {"root": root, "settings": settings, "registry": Registry(settings.mlflow)}
+
+
+@pytest.fixture(scope="module")
+def worse_data(product, env):
+    """Same test images, but the 'nominal' training images are defective ones: a model that
+    learns defects as normal, i.e. a clearly worse challenger."""
+    folder = env["root"] / "worse" / "tiles"
+    shutil.copytree(product / "test", folder / "test")
+    shutil.copytree(product / "ground_truth", folder / "ground_truth")
+    (folder / "train" / "good").mkdir(parents=True)
+    for i, path in enumerate(sorted((product / "test").glob("[!g]*/*.png"))):
+        shutil.copy(path, folder / "train" / "good" / f"{i:03d}.png")
+    return folder
+
+
+def register_version(registry: Registry, settings, data_root) -> str:
+    """The training steps without Prefect (what the DVC stages run), then registration."""
+    fp = steps.fingerprint_dataset(data_root, "tiles")
+    split = steps.split_dataset(fp["manifest"], settings.pipeline)
+    features = steps.extract_features(fp["manifest"], split["split"], settings.model)
+    bank = steps.build_memory_bank(fp["manifest"], split["split"], features, settings.model)
+    evaluation = steps.evaluate_bank(fp["manifest"], split["split"], bank)
+    calibrated = steps.calibrate(evaluation, bank, "tiles", settings.pipeline, steps.provenance("tiles", fp, split, features))
+    report = steps.make_report(evaluation, calibrated, fp["manifest"], settings.pipeline)
+    validation = {"files": [], "docs_dir": None, "seconds": 0.0}
+    record = steps.training_record("tiles", fp, validation, split, features, bank, evaluation, calibrated, report)
+    return registry.log_training("tiles", settings, record)["version"]
+
+
+def run_gate(registry: Registry, settings, data_root, allow_random_weights: bool = True) -> dict:
+    """What flows/promote.py composes, step by step."""
+    found = promotion.candidates(registry, "tiles")
+    eval_set = promotion.pin_evaluation_set(data_root)
+    challenger = promotion.score_version(registry, "tiles", found["challenger"]["version"], eval_set)
+    champion = (promotion.score_version(registry, "tiles", found["champion"]["version"], eval_set)
+                if found["champion"] else None)
+    decision = promotion.decide(found["challenger"], found["champion"], challenger, champion, settings.promotion,
+                                allow_random_weights)
+    return promotion.apply_decision(registry, "tiles", decision, eval_set, {"challenger": challenger, "champion": champion})
+
+
+@pytest.fixture(scope="module")
+def history(env, product, worse_data):
+    """worse first (becomes champion: nothing to beat), then better, then equal, then worse again."""
+    registry, settings = env["registry"], env["settings"]
+    out = {}
+    for name, data in (("first", worse_data), ("better", product), ("equal", product), ("worse", worse_data)):
+        version = register_version(registry, settings, data)
+        out[name] = {"version": version, "decision": run_gate(registry, settings, product),
+                     "aliases": registry.aliases("tiles")}
+    return out
+
+
+def test_first_model_becomes_champion_when_it_passes_the_minimums(history):
+    first = history["first"]
+    assert first["decision"]["promote"] and first["decision"]["champion_version"] is None
+    assert first["aliases"]["champion"] == first["version"] and "previous" not in first["aliases"]
+
+
+def test_better_challenger_is_promoted_and_the_old_champion_becomes_previous(history, env):
+    better = history["better"]["decision"]
+    assert better["promote"], better["reasons"]
+    assert better["challenger_metric"] > better["champion_metric"] + 0.1
+    assert history["better"]["aliases"] == {"champion": history["better"]["version"],
+                                            "challenger": history["better"]["version"],
+                                            "previous": history["first"]["version"]}
+    old = env["registry"].client.get_model_version("patchcore-tiles", history["first"]["version"])
+    assert old.tags["challenged_by"] == history["better"]["version"] and old.tags["challenge_outcome"] == "promoted"
+
+
+def test_equal_challenger_is_promoted_within_tolerance(history):
+    equal = history["equal"]["decision"]
+    assert equal["promote"] and equal["challenger_metric"] == pytest.approx(equal["champion_metric"])
+    assert history["equal"]["aliases"]["champion"] == history["equal"]["version"]
+    assert history["equal"]["aliases"]["previous"] == history["better"]["version"]
+
+
+def test_worse_challenger_is_rejected_and_the_champion_stays(history, env):
+    worse = history["worse"]
+    assert not worse["decision"]["promote"]
+    assert any("worse than the champion" in r for r in worse["decision"]["reasons"])
+    assert worse["aliases"]["champion"] == history["equal"]["version"]
+    assert worse["aliases"]["challenger"] == worse["version"]
+    tags = env["registry"].client.get_model_version("patchcore-tiles", worse["version"]).tags
+    assert tags["promotion"] == "rejected" and "worse than the champion" in tags["promotion_reasons"]
+
+
+def test_every_decision_is_an_mlflow_run(history, env):
+    registry = env["registry"]
+    runs = registry.client.search_runs([registry.experiment_id("tiles")], "tags.kind = 'promotion'")
+    assert sorted(r.data.tags["decision"] for r in runs) == ["promoted", "promoted", "promoted", "rejected"]
+    assert all(r.data.tags["eval_set_sha256"] == runs[0].data.tags["eval_set_sha256"] for r in runs)  # pinned
+
+
+def test_rollback_walks_back_through_previous_champions(history, env):
+    registry = env["registry"]
+    first, better, equal = (history[k]["version"] for k in ("first", "better", "equal"))
+    assert promotion.rollback(registry, "tiles")["aliases"] | {} == {
+        "champion": better, "previous": first, "challenger": history["worse"]["version"]}
+    assert registry.client.get_model_version("patchcore-tiles", equal).tags["rolled_back_to"] == better
+    assert promotion.rollback(registry, "tiles")["to_version"] == first
+    assert "previous" not in registry.aliases("tiles")
+    with pytest.raises(NoSuchAlias, match="only champion so far"):
+        promotion.rollback(registry, "tiles")
+
+
+def test_status_reports_aliases_numbers_and_the_tracking_uri(history, env):
+    report = promotion.status(env["registry"])
+    assert report["tracking_uri"].startswith("sqlite:///") and report["tracking_uri"].endswith("mlflow.db")
+    tiles = report["products"]["tiles"]
+    assert set(tiles["aliases"]) >= {"champion", "challenger"}
+    challenger = tiles["aliases"]["challenger"]
+    assert challenger["version"] == history["worse"]["version"] and challenger["threshold"] is not None
+    assert challenger["data_version"].endswith(".dir") and challenger["weights"] == "RANDOM (not for production)"
+    with pytest.raises(UnknownProduct, match="unknown product 'bolts'"):
+        promotion.status(env["registry"], "bolts")
+
+
+# -- the gate as a pure function ----------------------------------------------------------------------
+def _challenger(random_weights=False, heldout_fpr=0.0):
+    return {"version": "2", "random_weights": random_weights, "heldout_fpr": heldout_fpr}
+
+
+@pytest.mark.parametrize("value, champion_value, promoted", [
+    (0.95, 0.90, True),    # better
+    (0.90, 0.90, True),    # equal
+    (0.895, 0.90, True),   # worse, within the tolerance
+    (0.85, 0.90, False),   # worse beyond the tolerance
+])
+def test_gate_compares_with_the_champion_within_the_tolerance(value, champion_value, promoted):
+    cfg = PromotionConfig(metric="image_auroc", tolerance=0.01, min_metric=0.5, max_heldout_fpr=0.1)
+    decision = promotion.decide(_challenger(), {"version": "1"}, {"image_auroc": value}, {"image_auroc": champion_value}, cfg)
+    assert decision["promote"] is promoted
+
+
+def test_gate_refuses_random_weights_high_fpr_and_weak_first_models():
+    cfg = PromotionConfig(min_metric=0.9, max_heldout_fpr=0.05)
+    scores = {"image_auroc": 0.99}
+    assert not promotion.decide(_challenger(random_weights=True), None, scores, None, cfg)["promote"]
+    assert promotion.decide(_challenger(random_weights=True), None, scores, None, cfg, allow_random_weights=True)["promote"]
+    assert "held-out FPR" in promotion.decide(_challenger(heldout_fpr=0.2), None, scores, None, cfg)["reasons"][0]
+    assert "min_metric" in promotion.decide(_challenger(), None, {"image_auroc": 0.8}, None, cfg)["reasons"][0]
+    cold = promotion.decide(_challenger(), None, {}, None, cfg)  # no labelled defects to measure the metric
+    assert cold["promote"] and "cannot be measured" in cold["notes"][0]
+
+
+# -- settings ----------------------------------------------------------------------------------------
+def test_params_yaml_holds_exactly_the_pipeline_defaults():
+    from pipeline.config import MlflowConfig, PipelineConfig, load
+
+    params = load(REPO / "params.yaml")
+    assert params.pipeline == PipelineConfig()
+    assert params.promotion == PromotionConfig()
+    assert params.mlflow == MlflowConfig()
+
+
+def test_overrides_reach_any_section_and_unknown_keys_are_named():
+    from patchcore.config import ConfigError
+
+    settings = load_settings(REPO / "params.yaml", {"pipeline.target_fpr": 0.05, "model.coreset.fraction": 0.2})
+    assert settings.pipeline.target_fpr == 0.05 and settings.model.coreset.fraction == 0.2
+    with pytest.raises(ConfigError, match="pipeline.target_fp"):
+        load_settings(REPO / "params.yaml", {"pipeline.target_fp": 0.05})
+    with pytest.raises(ConfigError, match="promotion.metric must be one of"):
+        load_settings(REPO / "params.yaml", {"promotion.metric": "accuracy"})
