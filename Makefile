@@ -63,3 +63,51 @@ bench: install
 
 clean:
 	rm -rf $(PATCHCORE_HOME) .pytest_cache
+
+# -- operations (issue #5): `make serve` starts a Prefect server, an MLflow server and the
+# deployments (deploy/serve.py), all on 127.0.0.1, in the background; `make stop` stops them.
+# Logs and pid files: $(PATCHCORE_HOME)/run/. The tracking store is the pipeline's default SQLite
+# file, so `patchcore` commands and the servers see the same runs and models.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+SERVE_ARGS ?=
+RUN_DIR := $(PATCHCORE_HOME)/run
+MLFLOW_DB := $(PATCHCORE_HOME)/mlflow/mlflow.db
+.PHONY: serve stop
+serve: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
+serve: export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+serve: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
+serve: export PATH := $(abspath $(VENV))/bin:$(PATH)
+serve: install
+	@mkdir -p $(RUN_DIR) $(PATCHCORE_HOME)/mlflow/artifacts
+	@if [ -f $(RUN_DIR)/prefect.pid ] && kill -0 $$(cat $(RUN_DIR)/prefect.pid) 2>/dev/null; then \
+	    echo "already running (make stop first)"; exit 1; fi
+	setsid $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(RUN_DIR)/prefect.log 2>&1 & echo $$! > $(RUN_DIR)/prefect.pid
+	setsid $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	    --backend-store-uri sqlite:///$(MLFLOW_DB) --default-artifact-root $(PATCHCORE_HOME)/mlflow/artifacts \
+	    > $(RUN_DIR)/mlflow.log 2>&1 & echo $$! > $(RUN_DIR)/mlflow.pid
+	@for i in $$(seq 60); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
+	    curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start: $(RUN_DIR)/prefect.log"; exit 1; }
+	setsid $(PY) -m deploy.serve $(SERVE_ARGS) > $(RUN_DIR)/deployments.log 2>&1 & echo $$! > $(RUN_DIR)/deployments.pid
+	@echo "Prefect UI   http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=$(PREFECT_API_URL))"
+	@echo "MLflow UI    http://127.0.0.1:$(MLFLOW_PORT)    (tracking store sqlite:///$(MLFLOW_DB))"
+	@echo "logs         $(RUN_DIR)/{prefect,mlflow,deployments}.log; stop with: make stop"
+
+# Stops what `make serve` started: each recorded process group, by its pid file.
+stop:
+	@for name in model deployments mlflow prefect; do f=$(RUN_DIR)/$$name.pid; \
+	    if [ -f $$f ]; then pid=$$(cat $$f); kill -TERM -- -$$pid 2>/dev/null && echo "stopped $$name ($$pid)"; \
+	    for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	    kill -KILL -- -$$pid 2>/dev/null; rm -f $$f; fi; done
+
+# Restart the model server so it resolves @champion again (aliases are resolved when it starts).
+SERVE_MODEL_PORT ?= 5001
+.PHONY: serve-model
+serve-model: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
+serve-model: export PATH := $(abspath $(VENV))/bin:$(PATH)
+serve-model:
+	@mkdir -p $(RUN_DIR)
+	@if [ -f $(RUN_DIR)/model.pid ]; then kill -TERM -- -$$(cat $(RUN_DIR)/model.pid) 2>/dev/null; rm -f $(RUN_DIR)/model.pid; sleep 2; fi
+	setsid $(VENV)/bin/mlflow models serve -m "models:/patchcore-$(PRODUCT)@champion" --env-manager local \
+	    --host 127.0.0.1 --port $(SERVE_MODEL_PORT) > $(RUN_DIR)/model.log 2>&1 & echo $$! > $(RUN_DIR)/model.pid
+	@echo "serving patchcore-$(PRODUCT)@champion on http://127.0.0.1:$(SERVE_MODEL_PORT)/invocations (log $(RUN_DIR)/model.log)"

@@ -253,7 +253,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     registry = _registry(args)
     version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
     model = PatchCore.load(registry.download(args.product, version.version))
-    predictions = model.predict(args.images, maps=not args.no_maps, progress=False)
+    predictions = model.predict(args.images, maps=not args.no_maps, progress=True)  # tqdm bar on stderr
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"path": str(item), "score": float(score), "is_anomalous": bool(score >= model.threshold_),

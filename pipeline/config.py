@@ -127,6 +127,41 @@ class MlflowConfig:
 
 
 @dataclass
+class OperationsConfig:
+    """Day-to-day operation (params.yaml `operations:`): when products retrain by themselves and how
+    the new-data watcher settles (deploy/serve.py, flows/watch.py, flows/retrain.py)."""
+
+    # Cron schedule of the scheduled retrain, per product; `default` applies to products not listed.
+    # A scheduled run retrains only when the product's images differ from the champion's data version.
+    schedule: dict[str, str] | None = field(default_factory=lambda: {"default": "0 2 * * *"})
+    schedule_timezone: str = "UTC"
+    # The watcher looks at each product folder this often ...
+    watch_interval_seconds: float = 10.0
+    # ... and fires once the folder has not changed (file count, bytes, newest mtime) for this long,
+    # so copying 500 files starts one retrain after the copy ends. Worst-case delay from the last file
+    # landing to the retrain starting: settle + interval (+ a few seconds for Prefect): <= 60 s by default.
+    settle_seconds: float = 20.0
+    # Trainings of one product that may run at once (a Prefect global concurrency limit
+    # `train-<product>`); further triggers queue.
+    max_concurrent_trainings: int = 1
+    # After training: run the promotion gate; commit data.dvc when the data lives in a git repo.
+    promote_after_training: bool = True
+    git_commit_data: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.schedule or not all(isinstance(v, str) and len(v.split()) == 5 for v in self.schedule.values()):
+            raise ConfigError(f"operations.schedule must map products (or `default`) to 5-field cron strings, "
+                              f"got {self.schedule!r}")
+        if self.watch_interval_seconds <= 0 or self.settle_seconds < 0:
+            raise ConfigError("operations.watch_interval_seconds must be > 0 and settle_seconds >= 0")
+        if self.max_concurrent_trainings < 1:
+            raise ConfigError(f"operations.max_concurrent_trainings must be >= 1, got {self.max_concurrent_trainings}")
+
+    def cron_for(self, product: str) -> str:
+        return (self.schedule or {}).get(product) or (self.schedule or {}).get("default") or "0 2 * * *"
+
+
+@dataclass
 class Params:
     """The whole params.yaml. Sections other than `model` are added by the pipeline modules."""
 
@@ -136,6 +171,7 @@ class Params:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Params:

@@ -1,0 +1,68 @@
+"""The retrain a schedule or new data starts: new data? -> version it (DVC) -> train -> gate.
+
+    check new data --no--> "no new data" (finishes in seconds)
+          | yes
+    [training slot train-<product>: one training per product, others queue]
+    version data (dvc add, commit data.dvc) -> train-product-model -> promote-product-model
+
+The check runs inside the product's training slot, so a trigger queued behind a running retrain
+of the same images finds them already trained and stops.
+
+    python -m flows.retrain --product tiles [--force]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.promote import promote
+from flows.train import train
+from pipeline.config import load_settings, params_to_dict
+from pipeline.operations import training_slot
+from tasks import operations as t
+
+
+@flow(name="retrain-product-model", flow_run_name="retrain-{product}-{reason}", log_prints=True)
+def retrain(product: str, data: str | None = None, reason: str = "manual", force: bool = False,
+            params_path: str | None = None, overrides: dict[str, Any] | None = None,
+            allow_random_weights: bool = False) -> dict[str, Any]:
+    """reason: what started it (schedule, new-data, manual); force: train even without new data."""
+    settings = load_settings(params_path, overrides)
+    ops, data = settings.operations, data or f"data/{product}"
+    with training_slot(product, ops.max_concurrent_trainings):
+        check = t.check_new_data(product, data, params_to_dict(settings)["mlflow"])
+        if not check["changed"] and not force:
+            create_markdown_artifact(f"**{check['message']}** ({reason}); nothing trained.",
+                                     key=f"retrain-{product}".lower(), description="retrain decision")
+            return {"product": product, "outcome": "no new data", "reason": reason, "message": check["message"],
+                    "md5": check["md5"]}
+        versioned = t.version_data(data, product, ops.git_commit_data)
+        trained = train(product, data, params_path, overrides)
+        decision = (promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
+                    if ops.promote_after_training else None)
+    features = trained["features"]
+    lines = [f"# Retrain {product} ({reason})", "", f"- {check['message']}",
+             f"- data version `{versioned['md5']}`" + (f", committed {versioned['git_commit'][:12]}" if versioned.get("git_commit") else ""),
+             f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
+             f"{features['n_cached']} reused of {features['n_images']}",
+             f"- promotion: {decision['summary'] if decision else 'not run (operations.promote_after_training: false)'}"]
+    create_markdown_artifact("\n".join(lines), key=f"retrain-{product}".lower(), description="retrain decision")
+    return {"product": product, "outcome": "trained", "reason": reason, "message": check["message"],
+            "md5": versioned["md5"], "data_version": versioned, "registry": trained["registry"],
+            "features": features, "promotion": decision}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Retrain a product if its images changed since the champion.")
+    parser.add_argument("--product", required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--params")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--allow-random-weights", action="store_true")
+    args = parser.parse_args()
+    print(retrain(args.product, args.data, "manual", args.force, args.params, allow_random_weights=args.allow_random_weights))

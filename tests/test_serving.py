@@ -1,0 +1,125 @@
+"""Serving smoke test: a registered champion served by `mlflow models serve --env-manager local` on
+a free loopback port answers /invocations (base64-encoded PNG in `dataframe_records`, the README's
+format) with a score and a label; the server is stopped (its process group killed) at the end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_config
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_key, _value)
+
+PARAMS = str(REPO / "params.yaml")
+TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
+        for key, value in values.items()}
+START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, product):
+    """patchcore-tiles v1, trained by the flow on the tiny config and made champion, in a temporary store."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("serving")
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        mp.setenv("PATCHCORE_HOME", str(root / "home"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("PATCHCORE_WEIGHTS", raising=False)
+        with prefect_test_harness(server_startup_timeout=90):
+            from flows.train import train
+            from pipeline.config import MlflowConfig
+            from pipeline.registry import Registry
+
+            result = train("tiles", str(product), PARAMS, TINY)
+            registry = Registry(MlflowConfig())
+            registry.set_alias("tiles", "champion", result["registry"]["version"])
+            yield {"uri": registry.uri, "threshold": result["calibration"]["threshold"], "product": product}
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion["uri"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve",
+                                 "-m", "models:/patchcore-tiles@champion", "--env-manager", "local",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer /ping within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_served_champion_scores_base64_images_with_a_label(server, champion):
+    good = champion["product"] / "test" / "good" / "000.png"
+    defect = next((champion["product"] / "test").glob("scratch/*.png"))
+    body = {"dataframe_records": [{"image": base64.b64encode(p.read_bytes()).decode()} for p in (good, defect)]}
+    status, answer = post(server, body)
+    assert status == 200, answer
+    rows = answer["predictions"]
+    assert len(rows) == 2
+    for row in rows:
+        assert isinstance(row["score"], float) and isinstance(row["is_anomalous"], bool)
+        assert row["threshold"] == pytest.approx(champion["threshold"], rel=1e-6)
+        assert row["is_anomalous"] == (row["score"] >= row["threshold"])
+
+
+def test_served_model_rejects_a_row_that_is_not_an_image(server):
+    status, answer = post(server, {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]})
+    assert status >= 400 and "not a decodable image" in json.dumps(answer)
