@@ -185,7 +185,9 @@ def main(argv=None) -> int:
     out_path = Path(args.out or REPO / "bench" / "results" / f"mtd_{label}_{device}.json")
     report = {"benchmark": "MTD fit + score (bench/run_mtd.py)", "label": label, "machine": machine(),
               "device": device, "settings": {k: v for k, v in vars(args).items() if k not in ("child", "fraction", "result")},
-              "reference_figures_this_machine_kind": REFERENCE, "runs": []}
+              "reference_figures_this_machine_kind": REFERENCE, "runs": [],
+              # other processes on a 2-core machine distort timings: record how busy it was
+              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     if weights_kind == "random":
         report["note"] = ("RANDOM backbone weights: image/pixel AUROC and PRO are at chance level and say nothing "
                           "about detection quality; speed and memory figures are valid.")
@@ -214,6 +216,7 @@ def main(argv=None) -> int:
               f"latency {run['latency_ms_per_image']} ms, fit RSS {run['fit_peak_rss_mib']} MiB | image AUROC "
               f"{q['image_auroc']:.4f} pixel AUROC {q['pixel_auroc']:.4f} PRO {q['pro']:.4f} F1 errors {q['f1_errors']}",
               flush=True)
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2))
     print(f"wrote {out_path}")
