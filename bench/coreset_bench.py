@@ -8,6 +8,7 @@ own peak RSS):
 * greedy_plain (every pick updates all N points) at the same fraction: a full run when it is
   expected to fit in --plain-budget-s, otherwise only its first --plain-max-picks picks, and
   the full time is extrapolated (labelled as such);
+* optionally (--reference-sampler PATH) the authors' own sampler loop, for a few picks;
 * a re-implementation of the reference's per-pick loop (authors' ApproximateGreedyCoresetSampler:
   per-pick norm recomputation, torch.cat, min over a 2-column matrix) for a few picks, to relate
   the figures to the ~8 picks/s the reference reaches on this machine.
@@ -111,9 +112,22 @@ def worker(job: dict) -> dict:
     t_project = time.perf_counter() - t0
     n = job["n"]
     n_picks = max(1, int(n * job["fraction"]))
-    out = {"method": job["method"], "n": n, "fraction": job["fraction"], "project_seconds": t_project}
+    out = {"method": job["method"], "n": n, "fraction": job["fraction"], "project_seconds": t_project,
+           "threads": torch.get_num_threads()}
     t1, c1 = time.perf_counter(), time.process_time()
-    if job["method"] == "reference_style":
+    if job["method"] == "reference_original":
+        # The authors' own sampler module (not part of this repository; --reference-sampler).
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("reference_sampler", job["reference_sampler"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        np.random.seed(job["seed"])  # it draws its start points from numpy's global RNG
+        sampler = module.ApproximateGreedyCoresetSampler(job["max_picks"] / n, torch.device("cpu"))
+        with torch.no_grad():
+            picks = list(sampler._compute_greedy_coreset_indices(projected))
+        done = len(picks)
+    elif job["method"] == "reference_style":
         y = projected.to(torch.float32)
         starts = coreset._start_points(n, 10, job["seed"]).tolist()
         with torch.no_grad():
@@ -135,7 +149,7 @@ def worker(job: dict) -> dict:
                 "picks_per_second": done / seconds, "full_run": done == n_picks,
                 # ~torch threads when the machine is ours alone; less means other load.
                 "cpu_seconds_per_wall_second": cpu / seconds})
-    if job["method"] != "reference_style":
+    if not job["method"].startswith("reference"):
         # Time the one-off setup (centring/rotation, start distances, block build) on its own,
         # to report the per-pick rate of the loop alone as well.
         with torch.no_grad():
@@ -174,23 +188,40 @@ def cpu_idle_fraction(seconds: float = 2.0) -> float:
     return (idle1 - idle0) / max(1, total1 - total0)
 
 
-WAIT_QUIET_S = 0.0
+WAIT_QUIET_S = 0.0  # --wait-quiet
+RETRIES = 2  # --retries
+RETRY_MAX_S = 240.0  # --retry-max-s
+
+
+def _contended(result: dict) -> bool:
+    """A run that got well under its threads' worth of CPU shared the machine with other load."""
+    return result["cpu_seconds_per_wall_second"] < 0.75 * result["threads"]
 
 
 def run_child(job: dict) -> dict:
-    # Timings on a shared machine are only meaningful when nothing else runs: optionally wait
-    # (up to --wait-quiet seconds) for the CPUs to be idle, and record how idle they were.
-    deadline = time.time() + WAIT_QUIET_S
-    idle = cpu_idle_fraction(1.0)
-    while idle < 0.9 and time.time() < deadline:
-        time.sleep(5)
+    """Runs one timed job in a fresh process. This machine may be shared: wait (up to
+    --wait-quiet s) for idle CPUs first, and rerun a contended run that was short enough (up to
+    --retries times), keeping the least contended attempt; every attempt's rate is recorded."""
+    attempts = []
+    for _ in range(1 + RETRIES):
+        deadline = time.time() + WAIT_QUIET_S
         idle = cpu_idle_fraction(1.0)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed ({job['method']}):\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["cpu_idle_fraction_before"] = idle
-    return result
+        while idle < 0.9 and time.time() < deadline:
+            time.sleep(5)
+            idle = cpu_idle_fraction(1.0)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker failed ({job['method']}):\n{proc.stderr[-4000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["cpu_idle_fraction_before"] = idle
+        attempts.append(result)
+        if not _contended(result) or result["select_seconds"] > RETRY_MAX_S:
+            break
+    best = max(attempts, key=lambda r: r["cpu_seconds_per_wall_second"] / r["threads"])
+    best["contended"] = _contended(best)
+    best["attempts_picks_per_second"] = [r["picks_per_second"] for r in attempts]
+    return best
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +254,9 @@ def main(argv=None) -> int:
                    help="run greedy_plain in full at N only if its estimated time is below this")
     p.add_argument("--plain-max-picks", type=int, default=300, help="picks of the timed greedy_plain prefix")
     p.add_argument("--reference-picks", type=int, default=20, help="picks of the timed reference-style loop (0: skip)")
+    p.add_argument("--reference-sampler", default=None,
+                   help="path to the authors' src/patchcore/sampler.py (patchcore-inspection): also time its "
+                        "ApproximateGreedyCoresetSampler loop for --reference-picks picks")
     p.add_argument("--compare-n", type=int, default=100_000,
                    help="N for the full fast-vs-plain comparison when plain does not fit the budget at --n")
     p.add_argument("--latent", type=int, default=64)
@@ -233,18 +267,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each timed run, wait up to this many seconds for idle CPUs (shared machines)")
+    p.add_argument("--retries", type=int, default=2, help="reruns of a contended run (shared machines)")
+    p.add_argument("--retry-max-s", type=float, default=240.0, help="only rerun runs shorter than this")
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--out", default="bench/results/coreset_cpu.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global WAIT_QUIET_S
-    WAIT_QUIET_S = args.wait_quiet
+    global WAIT_QUIET_S, RETRIES, RETRY_MAX_S
+    WAIT_QUIET_S, RETRIES, RETRY_MAX_S = args.wait_quiet, args.retries, args.retry_max_s
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
     result = {"machine": machine_info(), "N": args.n, "D": args.dim, "fraction": args.fraction,
-              "projection_dim": 128, "num_starts": 10, "seed": args.seed, "runs": {}, "notes": []}
+              "projection_dim": 128, "num_starts": 10, "seed": args.seed, "runs": {}, "notes": [],
+              "reference_sampler": args.reference_sampler}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="coreset-bench-", dir=args.tmpdir) as tmp:
         bank = Path(tmp) / "bank.f16"
@@ -269,7 +306,8 @@ def main(argv=None) -> int:
                     if "loop_picks_per_second" in r else "")
             log(f"{name:28s} N={r['n']} picks {r['picks_done']}/{r['picks_full_run']} in {r['select_seconds']:.1f} s "
                 f"= {r['picks_per_second']:.1f} picks/s{loop}{extra}{rad}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                f"cpu/wall {r['cpu_seconds_per_wall_second']:.2f}, idle before {r['cpu_idle_fraction_before']:.2f}")
+                f"cpu/wall {r['cpu_seconds_per_wall_second']:.2f}, idle before {r['cpu_idle_fraction_before']:.2f}"
+                + (" CONTENDED" if r["contended"] else ""))
 
         n_picks = max(1, int(args.n * args.fraction))
         fast = run_child(job("approx_greedy", args.n, args.fraction, "fast", radius=True))
@@ -277,6 +315,10 @@ def main(argv=None) -> int:
         if args.reference_picks:
             record("reference_style_prefix", run_child(job("reference_style", args.n, args.fraction, "ref",
                                                            max_picks=args.reference_picks)))
+        if args.reference_picks and args.reference_sampler:
+            record("reference_original_prefix", run_child(job(
+                "reference_original", args.n, args.fraction, "ref_orig", max_picks=args.reference_picks,
+                reference_sampler=str(Path(args.reference_sampler).resolve()))))
         plain_prefix = run_child(job("greedy_plain", args.n, args.fraction, "plain_prefix",
                                      max_picks=min(args.plain_max_picks, n_picks)))
         record("greedy_plain_prefix", plain_prefix)
@@ -317,12 +359,30 @@ def main(argv=None) -> int:
         rnd = coreset.select_coreset(np.empty((cmp_n, 1), np.float32), args.fraction, method="random", seed=args.seed)
         result["comparison"]["radius_random_subset"] = coreset.covering_radius(proj, rnd)
         del proj
-        fast_pps = fast["picks_per_second"]
-        plain_pps = result["runs"].get("greedy_plain", plain_prefix)["picks_per_second"]
-        result["speedup_fast_over_plain_picks_per_s"] = fast_pps / plain_pps
+        # Rate of plain for the headline comparison: its full run, unless only the prefix ran
+        # without contention.
+        plain_best = result["runs"].get("greedy_plain", plain_prefix)
+        if plain_best.get("contended") and not plain_prefix.get("contended"):
+            plain_best = plain_prefix
+        summary = {
+            "fast_picks_per_s": fast["picks_per_second"],
+            "fast_loop_picks_per_s": fast.get("loop_picks_per_second"),
+            "fast_end_to_end_seconds_incl_projection": fast["project_seconds"] + fast["select_seconds"],
+            "plain_picks_per_s": plain_best["picks_per_second"],
+            "plain_loop_picks_per_s": plain_best.get("loop_picks_per_second"),
+            "plain_rate_from": "full run" if plain_best["full_run"] else f"{plain_best['picks_done']}-pick prefix",
+            "speedup_fast_over_plain": fast["picks_per_second"] / plain_best["picks_per_second"],
+            "any_timing_contended": any(r.get("contended") for r in result["runs"].values()),
+        }
         if "reference_style_prefix" in result["runs"]:
-            result["speedup_fast_over_reference_style_picks_per_s"] = (
-                fast_pps / result["runs"]["reference_style_prefix"]["picks_per_second"])
+            ref = result["runs"]["reference_style_prefix"]
+            summary["reference_style_picks_per_s"] = ref["picks_per_second"]
+            summary["speedup_fast_over_reference_style"] = fast["picks_per_second"] / ref["picks_per_second"]
+        if "reference_original_prefix" in result["runs"]:
+            ref = result["runs"]["reference_original_prefix"]
+            summary["reference_original_picks_per_s"] = ref["picks_per_second"]
+            summary["speedup_fast_over_reference_original"] = fast["picks_per_second"] / ref["picks_per_second"]
+        result["summary"] = summary
         log(f"comparison at N={cmp_n}: radius fast {result['comparison']['radius_fast']:.5f} / plain "
             f"{result['comparison']['radius_plain']:.5f} = {result['comparison']['radius_ratio_fast_over_plain']:.6f}"
             f" (random subset {result['comparison']['radius_random_subset']:.5f}); identical picks: "
@@ -348,9 +408,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"speedup approx_greedy vs greedy_plain: {result['speedup_fast_over_plain_picks_per_s']:.1f}x"
-        + (f", vs reference-style loop: {result['speedup_fast_over_reference_style_picks_per_s']:.1f}x"
-           if "speedup_fast_over_reference_style_picks_per_s" in result else "") + f"; wrote {out}")
+    sm = result["summary"]
+    log(f"approx_greedy {sm['fast_picks_per_s']:.0f} picks/s vs greedy_plain {sm['plain_picks_per_s']:.1f} "
+        f"({sm['plain_rate_from']}): {sm['speedup_fast_over_plain']:.1f}x"
+        + (f"; vs reference-style loop {sm['reference_style_picks_per_s']:.1f} picks/s: "
+           f"{sm['speedup_fast_over_reference_style']:.0f}x" if "reference_style_picks_per_s" in sm else "")
+        + (f"; vs the authors' sampler {sm['reference_original_picks_per_s']:.1f} picks/s: "
+           f"{sm['speedup_fast_over_reference_original']:.0f}x" if "reference_original_picks_per_s" in sm else "")
+        + (" [some timings were contended: see cpu_seconds_per_wall_second]" if sm["any_timing_contended"] else "")
+        + f"; wrote {out}")
     return 0
 
 

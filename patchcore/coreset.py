@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -440,6 +441,7 @@ class _Blocks:
         self.sq = sq_norms.index_select(0, source).view(self.num, block)
         self.cur = min_sq.index_select(0, source).view(self.num, block)  # current squared min-distance
         self.cur.view(-1)[self.order >= total] = -1.0
+        self.x_flat, self.sq_flat, self.cur_flat = self.x.view(-1, dim), self.sq.view(-1), self.cur.view(-1)
         self.centre = self.x.mean(dim=1)
         self.centre_sq = (self.centre * self.centre).sum(dim=1)
         self.max_sq = self.sq.amax(dim=1)
@@ -458,6 +460,48 @@ class _Blocks:
         self.rest *= 1.0 + _REL_TOL
 
 
+class _ThreadGovernor:
+    """Drops torch to one intra-op thread while the machine is oversubscribed (CPU only).
+
+    The fast loop issues ~30 small torch ops per pick, each an OpenMP parallel region that ends
+    in a barrier. When other processes keep one of our cores busy, every barrier waits for a
+    descheduled thread: on this project's 2-core machine that made the loop 10-15x slower than
+    on an idle one, whereas one thread loses only ~30% when idle. So: every `window` picks,
+    compare the CPU time we got with the wall time; below 75% of the thread count, go
+    single-threaded, and retry the original setting now and then. Results do not depend on the
+    thread count (checked: torch.mv and the elementwise ops round the same with 1 or 2 threads).
+    The original setting is restored on exit."""
+
+    def __init__(self, device: torch.device, window: int = 250, retry_every: int = 20):
+        self.active = device.type == "cpu" and torch.get_num_threads() > 1
+        self.threads = torch.get_num_threads()
+        self.window, self.retry_every, self.windows = window, retry_every, 0
+        self.count = 0
+        self._mark()
+
+    def _mark(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def step(self) -> None:
+        if not self.active:
+            return
+        self.count += 1
+        if self.count % self.window:
+            return
+        self.windows += 1
+        threads = torch.get_num_threads()
+        busy = (time.process_time() - self.cpu) / max(1e-9, (time.perf_counter() - self.wall) * threads)
+        if threads > 1 and busy < 0.75:
+            torch.set_num_threads(1)
+        elif threads == 1 and self.windows % self.retry_every == 0:
+            torch.set_num_threads(self.threads)
+        self._mark()
+
+    def restore(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.threads)
+
+
 def _greedy_blocked(blocks: _Blocks, n_picks: int, bar) -> list[int]:
     """Exact greedy selection with two pruning stages (see the module docstring).
 
@@ -469,60 +513,69 @@ def _greedy_blocked(blocks: _Blocks, n_picks: int, bar) -> list[int]:
     the variance); only points whose bound is below their current distance get the full
     128-d distance. Every test leaves a margin for float32 rounding, so nothing that the plain
     method would update is ever skipped."""
-    bk = blocks
-    block, lead = bk.block, bk.lead
-    x_flat, sq_flat, cur_flat = bk.x.view(-1, bk.x.shape[2]), bk.sq.view(-1), bk.cur.view(-1)
     picks = []
-    for _ in range(n_picks):
-        b = int(torch.argmax(bk.upper))
-        j = int(torch.argmax(bk.cur[b]))
-        best = bk.upper[b]
-        if int((bk.upper == best).sum()) > 1 or int((bk.cur[b] == best).sum()) > 1:
-            b, j = _smallest_index_tie(bk, best)
-        picks.append(int(bk.order[b * block + j]))
-        centre, centre_sq = bk.x[b, j].clone(), bk.sq[b, j]
-        bk.cur[b, j] = -1.0  # selected: never picked again (as in _greedy_plain)
-
-        # Stage 1. The expansion of |m_b - c|^2 is lowered by a rounding margin first.
-        scale = bk.centre_sq + centre_sq
-        d2 = (scale - 2.0 * torch.mv(bk.centre, centre)).sub_(scale, alpha=_REL_TOL)
-        lower = (d2.clamp_(min=0.0).sqrt_() - bk.radius).clamp_(min=0.0)
-        # Margin for the rounding of the distances the plain method would compute.
-        margin = (bk.max_sq + centre_sq).mul_(_REL_TOL)
-        act = ((lower * lower) < bk.upper + margin).nonzero().squeeze(1)
-        if len(act) > _DENSE_FRACTION * bk.num:
-            # The bounds prune little here (e.g. unstructured data, or the very first picks): one
-            # plain pass over all rows is then cheaper than the gathers of stage 2, and gives the
-            # same values (same kernel, row count a multiple of 8).
-            torch.minimum(cur_flat, _sq_dists_to(x_flat, sq_flat, centre, centre_sq), out=cur_flat)
-            torch.amax(bk.cur, dim=1, out=bk.upper)
+    governor = _ThreadGovernor(blocks.x.device)
+    try:
+        for _ in range(n_picks):
+            picks.append(_blocked_pick(blocks))
+            governor.step()
             bar.update(1)
-            continue
-
-        # Stage 2 on the blocks that survived.
-        c_lead = centre[:lead]
-        c_lead_sq = (c_lead * c_lead).sum()
-        lead_sq = bk.x_lead_sq.index_select(0, act)
-        dots = torch.mv(bk.x_lead.index_select(0, act).view(-1, lead), c_lead).view(len(act), block)
-        bound = (lead_sq + c_lead_sq).sub_(dots, alpha=2.0).sub_(lead_sq + c_lead_sq, alpha=_REL_TOL)
-        c_rest = (centre[lead:] - bk.centre.index_select(0, act)[:, lead:]).norm(dim=1).mul_(1.0 - _REL_TOL)
-        gap = (c_rest[:, None] - bk.rest.index_select(0, act)).clamp_(min=0.0)
-        bound.addcmul_(gap, gap)
-        cur_act = bk.cur.index_select(0, act)
-        hit_b, hit_j = (bound < cur_act + margin.index_select(0, act)[:, None]).nonzero(as_tuple=True)
-
-        # Full distances of the candidates, in a batch padded to a multiple of 8 rows so that
-        # the kernel rounds exactly as in greedy_plain (duplicates of a row are harmless).
-        rows = act.index_select(0, hit_b) * block + hit_j
-        if len(rows) % _ROW_ALIGN:
-            rows = torch.cat([rows, rows[:1].expand(_ROW_ALIGN - len(rows) % _ROW_ALIGN)])
-        if len(rows):
-            new = _sq_dists_to(x_flat.index_select(0, rows), sq_flat.index_select(0, rows), centre, centre_sq)
-            cur_flat[rows] = torch.minimum(cur_flat.index_select(0, rows), new)
-            bk.upper.index_copy_(0, act, bk.cur.index_select(0, act).amax(dim=1))
-        bk.upper[b] = bk.cur[b].amax()  # the pick's own entry changed even if nothing else did
-        bar.update(1)
+    finally:
+        governor.restore()
     return picks
+
+
+def _blocked_pick(bk: _Blocks) -> int:
+    """One step of _greedy_blocked: take the farthest point, update the distances, return it."""
+    block, lead = bk.block, bk.lead
+    x_flat, sq_flat, cur_flat = bk.x_flat, bk.sq_flat, bk.cur_flat
+    b = int(torch.argmax(bk.upper))
+    j = int(torch.argmax(bk.cur[b]))
+    best = bk.upper[b]
+    if int((bk.upper == best).sum()) > 1 or int((bk.cur[b] == best).sum()) > 1:
+        b, j = _smallest_index_tie(bk, best)
+    pick = int(bk.order[b * block + j])
+    centre, centre_sq = bk.x[b, j].clone(), bk.sq[b, j]
+    bk.cur[b, j] = -1.0  # selected: never picked again (as in _greedy_plain)
+
+    # Stage 1. The expansion of |m_b - c|^2 is lowered by a rounding margin first.
+    scale = bk.centre_sq + centre_sq
+    d2 = (scale - 2.0 * torch.mv(bk.centre, centre)).sub_(scale, alpha=_REL_TOL)
+    lower = (d2.clamp_(min=0.0).sqrt_() - bk.radius).clamp_(min=0.0)
+    # Margin for the rounding of the distances the plain method would compute.
+    margin = (bk.max_sq + centre_sq).mul_(_REL_TOL)
+    act = ((lower * lower) < bk.upper + margin).nonzero().squeeze(1)
+    if len(act) > _DENSE_FRACTION * bk.num:
+        # The bounds prune little here (e.g. unstructured data, or the very first picks): one
+        # plain pass over all rows is then cheaper than the gathers of stage 2, and gives the
+        # same values (same kernel, row count a multiple of 8).
+        torch.minimum(cur_flat, _sq_dists_to(x_flat, sq_flat, centre, centre_sq), out=cur_flat)
+        torch.amax(bk.cur, dim=1, out=bk.upper)
+        return pick
+
+    # Stage 2 on the blocks that survived.
+    c_lead = centre[:lead]
+    c_lead_sq = (c_lead * c_lead).sum()
+    lead_sq = bk.x_lead_sq.index_select(0, act)
+    dots = torch.mv(bk.x_lead.index_select(0, act).view(-1, lead), c_lead).view(len(act), block)
+    bound = (lead_sq + c_lead_sq).sub_(dots, alpha=2.0).sub_(lead_sq + c_lead_sq, alpha=_REL_TOL)
+    c_rest = (centre[lead:] - bk.centre.index_select(0, act)[:, lead:]).norm(dim=1).mul_(1.0 - _REL_TOL)
+    gap = (c_rest[:, None] - bk.rest.index_select(0, act)).clamp_(min=0.0)
+    bound.addcmul_(gap, gap)
+    cur_act = bk.cur.index_select(0, act)
+    hit_b, hit_j = (bound < cur_act + margin.index_select(0, act)[:, None]).nonzero(as_tuple=True)
+
+    # Full distances of the candidates, in a batch padded to a multiple of 8 rows so that
+    # the kernel rounds exactly as in greedy_plain (duplicates of a row are harmless).
+    rows = act.index_select(0, hit_b) * block + hit_j
+    if len(rows) % _ROW_ALIGN:
+        rows = torch.cat([rows, rows[:1].expand(_ROW_ALIGN - len(rows) % _ROW_ALIGN)])
+    if len(rows):
+        new = _sq_dists_to(x_flat.index_select(0, rows), sq_flat.index_select(0, rows), centre, centre_sq)
+        cur_flat[rows] = torch.minimum(cur_flat.index_select(0, rows), new)
+        bk.upper.index_copy_(0, act, bk.cur.index_select(0, act).amax(dim=1))
+    bk.upper[b] = bk.cur[b].amax()  # the pick's own entry changed even if nothing else did
+    return pick
 
 
 def _smallest_index_tie(blocks: _Blocks, best: torch.Tensor) -> tuple[int, int]:

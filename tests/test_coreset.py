@@ -240,3 +240,11 @@ def test_torch_input_and_projection_properties(features):
     assert not torch.equal(p0, coreset.project(features, 32, seed=1))
     # linear, no bias: projecting a zero vector gives zero
     assert torch.count_nonzero(coreset.project(np.zeros((3, D), np.float32), 32)) == 0
+
+
+def test_progress_bar_and_torch_threads_left_alone(features, capsys):
+    threads = torch.get_num_threads()
+    idx = coreset.select_coreset(features[:1000], 0.05, seed=0, progress=True)
+    assert len(idx) == 50
+    assert "coreset" in capsys.readouterr().err  # the tqdm bar
+    assert torch.get_num_threads() == threads
