@@ -191,8 +191,17 @@ def select_coreset(features, fraction: float, method: str = "approx_greedy", pro
     ``arange(N)``. Results are deterministic for a given seed. Greedy methods project the
     features first (see `project`), chunk by chunk.
     """
+    trivial = _trivial_selection(int(features.shape[0]), fraction, method, seed)
+    if trivial is not None:
+        return trivial
+    projected = project(features, projection_dim, seed=seed, device=device)
+    return select_from_projected(projected, fraction, method=method, num_starts=num_starts, seed=seed,
+                                 device=device, progress=progress)
+
+
+def _trivial_selection(n: int, fraction, method: str, seed: int) -> np.ndarray | None:
+    """Checks shared by both entry points; the answer when no greedy search is needed, else None."""
     _check_method(method)
-    n = int(features.shape[0])
     if n < 1:
         raise ValueError("cannot select a coreset of an empty feature set")
     if method == "identity":
@@ -200,24 +209,18 @@ def select_coreset(features, fraction: float, method: str = "approx_greedy", pro
     fraction = _check_fraction(fraction)
     if method == "random" or fraction == 1.0:
         return _select_trivial(n, fraction, method, seed)
-    projected = project(features, projection_dim, seed=seed, device=device)
-    return select_from_projected(projected, fraction, method=method, num_starts=num_starts, seed=seed,
-                                 device=device, progress=progress)
+    return None
 
 
 def select_from_projected(projected: torch.Tensor, fraction: float, method: str = "approx_greedy",
                           num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
                           progress: bool = True) -> np.ndarray:
     """Like `select_coreset`, for features that are already projected ((N, d) tensor or array)."""
-    _check_method(method)
     n = int(projected.shape[0])
-    if n < 1:
-        raise ValueError("cannot select a coreset of an empty feature set")
-    if method == "identity":
-        return np.arange(n, dtype=np.int64)
-    fraction = _check_fraction(fraction)
-    if method == "random" or fraction == 1.0:
-        return _select_trivial(n, fraction, method, seed)
+    trivial = _trivial_selection(n, fraction, method, seed)
+    if trivial is not None:
+        return trivial
+    fraction = float(fraction)
     device = torch.device(device)
     with torch.no_grad():
         y, sq_norms = _prepare(projected, device)

@@ -3,8 +3,18 @@ small images), so the default suite stays fast on a 2-core CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import warnings
 from pathlib import Path
+
+# Before any test module imports Prefect or MLflow: a private Prefect home and no telemetry.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1")):
+    os.environ.setdefault(_key, _value)
 
 import pytest
 
@@ -26,6 +36,30 @@ def tiny_config(**overrides) -> PatchCoreConfig:
         "runtime": {"num_workers": 0, "batch_size": 8, "device": "cpu"},
     })
     return base.replace(**overrides) if overrides else base
+
+
+PARAMS = str(REPO / "params.yaml")
+
+
+def tiny_overrides() -> dict:
+    """tiny_config() as the dotted `model.*` overrides that the pipeline's settings take."""
+    return {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
+            for key, value in values.items()}
+
+
+@contextlib.contextmanager
+def pipeline_home(root: Path):
+    """A private PATCHCORE_HOME (MLflow store, caches) under `root`, no inherited tracking URI or
+    weights, and a Prefect test server, for as long as the context lasts."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        mp.setenv("PATCHCORE_HOME", str(root / "home"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("PATCHCORE_WEIGHTS", raising=False)
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
 
 
 @pytest.fixture(scope="session")

@@ -8,29 +8,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import PARAMS, pipeline_home, tiny_overrides
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
-for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1"),
-                     ("DVC_NO_ANALYTICS", "1")):
-    os.environ.setdefault(_key, _value)
 
-from deploy.watcher import Snapshot, WatchState, observe  # noqa: E402
-from patchcore.synthetic import generate_product  # noqa: E402
+from deploy.watcher import Snapshot, WatchState, observe
+from patchcore.synthetic import generate_product
 
-PARAMS = str(REPO / "params.yaml")
-TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
-        for key, value in values.items()}
+TINY = tiny_overrides()
 
 
 # -- the watcher's debounce (pure logic) -------------------------------------------------------------
@@ -90,7 +80,7 @@ def test_the_first_look_fires_only_when_asked(tmp_path):
 def test_params_yaml_operations_section_equals_the_code_defaults():
     from pipeline.config import OperationsConfig, load
 
-    ops = load(REPO / "params.yaml").operations
+    ops = load(PARAMS).operations
     assert ops == OperationsConfig()
     assert ops.settle_seconds + ops.watch_interval_seconds <= 60  # the documented worst-case delay
 
@@ -172,18 +162,11 @@ def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
 # -- the retrain flow under a Prefect test server ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
     root = tmp_path_factory.mktemp("operations")
-    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        mp.setenv("PATCHCORE_HOME", str(root / "home"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("PATCHCORE_WEIGHTS", raising=False)
-        with prefect_test_harness(server_startup_timeout=90):
-            data = generate_product(root / "data", "tiles", n_train=20, n_test_good=6, n_test_defect=6, size_px=112,
-                                    seed=0)
-            yield {"root": root, "data": data}
+    with pipeline_home(root):
+        data = generate_product(root / "data", "tiles", n_train=20, n_test_good=6, n_test_defect=6, size_px=112,
+                                seed=0)
+        yield {"root": root, "data": data}
 
 
 @pytest.fixture(scope="module")

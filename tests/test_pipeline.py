@@ -12,45 +12,28 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import PARAMS, pipeline_home, tiny_overrides
 
-# Before Prefect is imported: a private Prefect home (result storage) and no telemetry.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
-for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1")):
-    os.environ.setdefault(_key, _value)
 
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from patchcore import PatchCore
+from patchcore.data import DataError
+from patchcore.synthetic import generate_product
 
-from patchcore import PatchCore  # noqa: E402
-from patchcore.data import DataError  # noqa: E402
-from patchcore.synthetic import generate_product  # noqa: E402
-
-PARAMS = str(REPO / "params.yaml")
-TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
-        for key, value in values.items()}
+TINY = tiny_overrides()
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        mp.setenv("PATCHCORE_HOME", str(root / "home"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("PATCHCORE_WEIGHTS", raising=False)
-        with prefect_test_harness(server_startup_timeout=90):
-            from pipeline.config import MlflowConfig
-            from pipeline.registry import Registry
+    with pipeline_home(root):
+        from pipeline.config import MlflowConfig
+        from pipeline.registry import Registry
 
-            yield {"root": root, "home": root / "home", "registry": Registry(MlflowConfig())}
+        yield {"root": root, "home": root / "home", "registry": Registry(MlflowConfig())}
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,16 @@ here (the Prefect flow that composes them is exercised in test_pipeline.py)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_overrides
+from pipeline import promotion, steps
+from pipeline.config import PromotionConfig, load_settings
+from pipeline.registry import NoSuchAlias, Registry, UnknownProduct
 
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-from pipeline import promotion, steps  # noqa: E402
-from pipeline.config import PromotionConfig, load_settings  # noqa: E402
-from pipeline.registry import NoSuchAlias, Registry, UnknownProduct  # noqa: E402
-
-TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
-        for key, value in values.items()}
+TINY = tiny_overrides()
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,17 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import PARAMS, pipeline_home, tiny_overrides
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
-for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1")):
-    os.environ.setdefault(_key, _value)
 
-PARAMS = str(REPO / "params.yaml")
-TINY = {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
-        for key, value in values.items()}
+TINY = tiny_overrides()
 START_TIMEOUT_S = 120
 
 
@@ -43,23 +34,16 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory, product):
     """patchcore-tiles v1, trained by the flow on the tiny config and made champion, in a temporary store."""
-    from prefect.testing.utilities import prefect_test_harness
-
     root = tmp_path_factory.mktemp("serving")
-    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        mp.setenv("PATCHCORE_HOME", str(root / "home"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.delenv("PATCHCORE_WEIGHTS", raising=False)
-        with prefect_test_harness(server_startup_timeout=90):
-            from flows.train import train
-            from pipeline.config import MlflowConfig
-            from pipeline.registry import Registry
+    with pipeline_home(root):
+        from flows.train import train
+        from pipeline.config import MlflowConfig
+        from pipeline.registry import Registry
 
-            result = train("tiles", str(product), PARAMS, TINY)
-            registry = Registry(MlflowConfig())
-            registry.set_alias("tiles", "champion", result["registry"]["version"])
-            yield {"uri": registry.uri, "threshold": result["calibration"]["threshold"], "product": product}
+        result = train("tiles", str(product), PARAMS, TINY)
+        registry = Registry(MlflowConfig())
+        registry.set_alias("tiles", "champion", result["registry"]["version"])
+        yield {"uri": registry.uri, "threshold": result["calibration"]["threshold"], "product": product}
 
 
 @pytest.fixture(scope="module")
