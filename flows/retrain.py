@@ -48,11 +48,14 @@ def retrain(product: str, data: str | None = None, reason: str = "manual", force
              f"- data version `{versioned['md5']}`" + (f", committed {versioned['git_commit'][:12]}" if versioned.get("git_commit") else ""),
              f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
              f"{features['n_cached']} reused of {features['n_images']}",
+             "- coreset: " + (f"continued the bank of {c['prior_images']} images ({c['prior_picks']} picks kept)"
+                              if (c := trained.get("coreset_continued")) else "built from scratch"),
              f"- promotion: {decision['summary'] if decision else 'not run (operations.promote_after_training: false)'}"]
     create_markdown_artifact("\n".join(lines), key=f"retrain-{product}".lower(), description="retrain decision")
     return {"product": product, "outcome": "trained", "reason": reason, "message": check["message"],
             "md5": versioned["md5"], "data_version": versioned, "registry": trained["registry"],
-            "features": features, "promotion": decision}
+            "features": features, "coreset_continued": trained.get("coreset_continued"),
+            "bank_size": trained["bank_size"], "n_bank": trained["n_bank"], "promotion": decision}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def train(product: str, data: str | None = None, params_path: str | None = None,
     t.publish(product, record, registered)
     return {"product": product, "registry": registered, "calibration": record["calibration"],
             "metrics": record["metrics"], "features": record["features"], "data_version": record["data_version"],
-            "bank_size": record["bank_size"], "seconds": record["seconds"], "cached_stages": record["cached_stages"]}
+            "bank_size": record["bank_size"], "n_bank": record["n_bank"], "coreset_continued": record["coreset_continued"],
+            "seconds": record["seconds"], "cached_stages": record["cached_stages"]}
 
 
 if __name__ == "__main__":

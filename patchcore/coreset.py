@@ -48,6 +48,16 @@ the CPU matrix-vector kernel rounding alike for any multiple-of-8 row count, whi
 the MKL kernel used by torch on x86; on other back ends, e.g. CUDA, near-ties may resolve
 differently, which changes individual picks but not the quality of the coreset.)
 
+Incremental selection (warm start)
+----------------------------------
+Greedy selection is a sequence: the first k picks of a run do not depend on how many picks follow.
+`greedy_selection` returns, with the picks, every row's final squared distance to the selection.
+Passed back as ``prior`` (indices re-mapped to a larger feature set, NaN distances for the rows
+the prior selection never saw), the selection continues where it stopped: only the new rows'
+distances to the prior picks are computed (new rows x prior picks), and only the picks the larger
+set needs on top are made. Retraining after adding m images so costs time proportional to m, not to
+the whole set. Continuing on the *same* rows gives exactly the picks of one longer run.
+
 Nothing ever builds an N x N (or N x coreset) matrix: every distance computation is chunked.
 """
 
@@ -56,13 +66,15 @@ from __future__ import annotations
 import math
 import mmap
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["METHODS", "project", "select_coreset", "select_from_projected", "covering_radius"]
+__all__ = ["METHODS", "GreedySelection", "project", "select_coreset", "select_from_projected", "greedy_selection",
+           "covering_radius"]
 
 METHODS = ("approx_greedy", "greedy_plain", "random", "identity")
 
@@ -212,6 +224,18 @@ def _trivial_selection(n: int, fraction, method: str, seed: int) -> np.ndarray |
     return None
 
 
+@dataclass(frozen=True)
+class GreedySelection:
+    """A greedy coreset selection and the state needed to continue it.
+
+    indices: int64 row indices in pick order. sq_distances: float32 (N,), each row's squared
+    distance to the selection in the projected space (-1 for selected rows). As a ``prior`` for
+    `greedy_selection`, NaN marks rows whose distance is not known yet (rows added since)."""
+
+    indices: np.ndarray
+    sq_distances: np.ndarray
+
+
 def select_from_projected(projected: torch.Tensor, fraction: float, method: str = "approx_greedy",
                           num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
                           progress: bool = True) -> np.ndarray:
@@ -220,25 +244,81 @@ def select_from_projected(projected: torch.Tensor, fraction: float, method: str 
     trivial = _trivial_selection(n, fraction, method, seed)
     if trivial is not None:
         return trivial
-    fraction = float(fraction)
+    return greedy_selection(projected, fraction, method=method, num_starts=num_starts, seed=seed,
+                            device=device, progress=progress).indices
+
+
+def greedy_selection(projected: torch.Tensor, fraction: float, method: str = "approx_greedy",
+                     num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = True, prior: GreedySelection | None = None) -> GreedySelection:
+    """Greedy selection of ``max(1, int(N * fraction))`` rows of `projected` ((N, d)), with the
+    final distances; with `prior`, continue that selection (see "Incremental selection" above)
+    instead of starting from the `num_starts` random start points."""
+    if method not in ("approx_greedy", "greedy_plain"):
+        raise ValueError(f"greedy_selection needs a greedy method (approx_greedy or greedy_plain), got {method!r}")
+    n = int(projected.shape[0])
+    if n < 1:
+        raise ValueError("cannot select a coreset of an empty feature set")
+    fraction = _check_fraction(fraction)
     device = torch.device(device)
     with torch.no_grad():
         y, sq_norms = _prepare(projected, device)
-        start_points = _start_points(n, num_starts, seed)
-        min_sq = _initial_sq_distances(y, sq_norms, n, start_points)
-        n_picks = _num_picks(n, fraction)
-        bar = tqdm(total=n_picks, desc=f"coreset ({method})", disable=not progress, unit="pick",
+        if prior is None:
+            kept = np.empty(0, dtype=np.int64)
+            min_sq = _initial_sq_distances(y, sq_norms, n, _start_points(n, num_starts, seed))
+        else:
+            kept, min_sq = _continue_from(prior, y, sq_norms, n)
+        n_picks = max(0, _num_picks(n, fraction) - len(kept))
+        bar = tqdm(total=n_picks, desc=f"coreset ({method})", disable=not progress or n_picks == 0, unit="pick",
                    mininterval=0.5)
         try:
             if method == "greedy_plain":
                 picks = _greedy_plain(y, sq_norms, min_sq, n_picks, bar)
+                final = min_sq[:n]
             else:
                 blocks = _Blocks(y, sq_norms, min_sq)
                 del y, sq_norms, min_sq  # the blocks hold their own (reordered) copy
                 picks = _greedy_blocked(blocks, n_picks, bar)
+                final = blocks.distances_in_original_order(n)
         finally:
             bar.close()
-    return np.asarray(picks, dtype=np.int64)
+    indices = np.concatenate([kept, np.asarray(picks, dtype=np.int64)])
+    return GreedySelection(indices, final.cpu().numpy().astype(np.float32, copy=True))
+
+
+def _continue_from(prior: GreedySelection, y: torch.Tensor, sq_norms: torch.Tensor, n: int
+                   ) -> tuple[np.ndarray, torch.Tensor]:
+    """Prior picks and the starting squared distances for a continued selection: known rows keep
+    theirs, NaN rows get their squared distance to the nearest prior pick."""
+    kept = np.asarray(prior.indices, dtype=np.int64)
+    known = np.asarray(prior.sq_distances, dtype=np.float32)
+    if known.shape != (n,):
+        raise ValueError(f"prior.sq_distances must have one entry per row ({n}), got shape {known.shape}")
+    if len(kept) == 0 or kept.min() < 0 or kept.max() >= n or len(np.unique(kept)) != len(kept):
+        raise ValueError(f"prior.indices must be distinct row indices in [0, {n}), at least one")
+    min_sq = torch.full((y.shape[0],), -1.0, dtype=torch.float32, device=y.device)
+    min_sq[:n] = torch.from_numpy(known).to(y.device)
+    unknown = torch.from_numpy(np.flatnonzero(np.isnan(known))).to(y.device)
+    if len(unknown):
+        centres = torch.from_numpy(kept).to(y.device)
+        min_sq[unknown] = _sq_distance_to_nearest(y.index_select(0, unknown), sq_norms.index_select(0, unknown),
+                                                  y.index_select(0, centres), sq_norms.index_select(0, centres))
+    min_sq[torch.from_numpy(kept).to(y.device)] = -1.0
+    return kept, min_sq
+
+
+def _sq_distance_to_nearest(rows: torch.Tensor, rows_sq: torch.Tensor, centres: torch.Tensor,
+                            centres_sq: torch.Tensor) -> torch.Tensor:
+    """min over centres of |row - centre|^2, chunked so no block exceeds ~16M entries."""
+    out = torch.full((rows.shape[0],), float("inf"), dtype=torch.float32, device=rows.device)
+    c_chunk = min(len(centres), 4096)
+    r_chunk = max(1, (1 << 24) // c_chunk)
+    for s in range(0, rows.shape[0], r_chunk):
+        x, x_sq = rows[s:s + r_chunk], rows_sq[s:s + r_chunk, None]
+        for t in range(0, len(centres), c_chunk):
+            d2 = (x_sq + centres_sq[None, t:t + c_chunk]).sub_(x @ centres[t:t + c_chunk].T, alpha=2.0)
+            torch.minimum(out[s:s + r_chunk], d2.amin(dim=1), out=out[s:s + r_chunk])
+    return out.clamp_(min=0.0)
 
 
 def covering_radius(projected: torch.Tensor, selected: np.ndarray, chunk_rows: int = 65536) -> float:
@@ -461,6 +541,13 @@ class _Blocks:
         # Rounding slack: these enter lower bounds with a minus sign, never underestimate them.
         self.radius = radius * (1.0 + _REL_TOL)
         self.rest *= 1.0 + _REL_TOL
+
+    def distances_in_original_order(self, n: int) -> torch.Tensor:
+        """The current squared distances of rows 0..n-1, undoing the block order."""
+        out = torch.empty(n, dtype=self.cur_flat.dtype, device=self.cur_flat.device)
+        real = self.order < n
+        out[self.order[real]] = self.cur_flat[real]
+        return out
 
 
 class _ThreadGovernor:

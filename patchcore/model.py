@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MODEL_JSON, BANK_FILE, INDEX_FILE = "model.json", "memory_bank.npy", "index.faiss"
+# Written by fit (greedy coreset only): the selection and every training patch's final distance to
+# it, the state an incremental refit continues from (see coreset.greedy_selection).
+CORESET_INDICES_FILE, CORESET_DISTANCES_FILE = "coreset_indices.npy", "coreset_sq_distances.npy"
 
 
 class ModelFileError(ValueError):
@@ -113,6 +116,7 @@ class PatchCore:
         self.calibration_: dict[str, Any] = {}
         self.provenance_: dict[str, Any] = {}
         self.timings_: dict[str, float] = {}
+        self.coreset_state_ = None  # coreset.GreedySelection after a greedy fit
 
     # -- backbone ----------------------------------------------------------------------------
     def _setup(self) -> _Runtime:
@@ -167,12 +171,20 @@ class PatchCore:
         return self
 
     def fit_features(self, features: Iterable[np.ndarray], n_images: int | None = None, progress: bool = True,
-                     scratch_dir: str | Path | None = None, _extraction_start: float | None = None) -> PatchCore:
-        """Build the bank from per-image patch features (each (h·w, dim)), e.g. read from a cache."""
+                     scratch_dir: str | Path | None = None, warm_start=None,
+                     _extraction_start: float | None = None) -> PatchCore:
+        """Build the bank from per-image patch features (each (h·w, dim)), e.g. read from a cache.
+
+        `warm_start` (a `coreset.GreedySelection` over these rows: an earlier fit's
+        `coreset_state_` re-mapped, NaN distances for rows added since) continues that greedy
+        selection instead of starting afresh: the incremental refit after new images land."""
         from patchcore import coreset as coreset_lib
 
         self._setup()
         cfg = self.config
+        if warm_start is not None and (cfg.coreset.method != "approx_greedy" or cfg.coreset.fraction >= 1.0):
+            raise ValueError("warm_start needs the approx_greedy coreset with fraction < 1, "
+                             f"not {cfg.coreset.method} at fraction {cfg.coreset.fraction}")
         dim = cfg.features.target_dim
         projected: list[torch.Tensor] = []
         t0 = _extraction_start or time.perf_counter()
@@ -193,7 +205,7 @@ class PatchCore:
                 raise ValueError("no training images: the memory bank would be empty")
             self.timings_["extract_seconds"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            selected = self._select(rows, projected, progress)
+            selected = self._select(rows, projected, progress, warm_start)
             self.timings_["coreset_seconds"] = time.perf_counter() - t1
             all_rows = np.memmap(raw, dtype=np.float32, mode="r", shape=(rows, dim))
             bank = np.array(all_rows[np.sort(selected)] if selected is not None else all_rows)
@@ -204,17 +216,19 @@ class PatchCore:
         logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
         return self
 
-    def _select(self, rows: int, projected: list[torch.Tensor], progress: bool) -> np.ndarray | None:
+    def _select(self, rows: int, projected: list[torch.Tensor], progress: bool, warm_start=None) -> np.ndarray | None:
         from patchcore import coreset as coreset_lib
 
         c, seed = self.config.coreset, self.config.runtime.seed
+        self.coreset_state_ = None
         if c.method == "identity" or c.fraction >= 1.0:
             return None
         if c.method == "random":
             return coreset_lib.select_coreset(np.empty((rows, 1), np.float32), c.fraction, method="random", seed=seed, progress=False)
-        return coreset_lib.select_from_projected(
+        self.coreset_state_ = coreset_lib.greedy_selection(
             torch.cat(projected), c.fraction, num_starts=c.num_starts, seed=seed,
-            device=self._runtime.device, progress=progress)
+            device=self._runtime.device, progress=progress, prior=warm_start)
+        return self.coreset_state_.indices
 
     # -- predict ---------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -301,6 +315,11 @@ class PatchCore:
         try:
             np.save(tmp / BANK_FILE, self.memory_bank_, allow_pickle=False)
             FaissIndex.from_bank(self.memory_bank_.astype(np.float32)).save(tmp / INDEX_FILE)
+            files = [BANK_FILE, INDEX_FILE]
+            if self.coreset_state_ is not None:
+                np.save(tmp / CORESET_INDICES_FILE, self.coreset_state_.indices, allow_pickle=False)
+                np.save(tmp / CORESET_DISTANCES_FILE, self.coreset_state_.sq_distances, allow_pickle=False)
+                files += [CORESET_INDICES_FILE, CORESET_DISTANCES_FILE]
             meta = {
                 "format": "patchcore-model",
                 "format_version": FORMAT_VERSION,
@@ -313,7 +332,7 @@ class PatchCore:
                 "calibration": self.calibration_,
                 "provenance": {**self.provenance_, "torch": torch.__version__},
                 "timings": self.timings_,
-                "files": {name: sha256_file(tmp / name) for name in (BANK_FILE, INDEX_FILE)},
+                "files": {name: sha256_file(tmp / name) for name in files},
             }
             (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if directory.exists():
@@ -374,6 +393,24 @@ class PatchCore:
         return model
 
 
+def read_coreset_state(directory: str | Path):
+    """The greedy coreset state a fit saved in `directory` (checksums verified), or None when the
+    model has none (random/identity coreset, or a directory re-saved after load)."""
+    from patchcore.coreset import GreedySelection
+
+    directory = Path(directory)
+    files = read_model_json(directory)["files"]
+    if CORESET_INDICES_FILE not in files or CORESET_DISTANCES_FILE not in files:
+        return None
+    arrays = []
+    for name in (CORESET_INDICES_FILE, CORESET_DISTANCES_FILE):
+        path = directory / name
+        if not path.is_file() or sha256_file(path) != files[name]:
+            raise ModelFileError(f"{path}: missing or checksum differs from model.json")
+        arrays.append(np.load(path, allow_pickle=False))
+    return GreedySelection(*arrays)
+
+
 def read_model_json(directory: Path) -> dict[str, Any]:
     path = directory / MODEL_JSON
     if not path.is_file():
@@ -416,4 +453,4 @@ def dataset_sha256(paths: Sequence[str | Path]) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["PatchCore", "Predictions", "ModelFileError", "BackboneConfig", "dataset_sha256"]
+__all__ = ["PatchCore", "Predictions", "ModelFileError", "BackboneConfig", "dataset_sha256", "read_coreset_state"]

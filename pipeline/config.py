@@ -81,6 +81,11 @@ class PipelineConfig:
     target_fpr: float = 0.01
     # Heatmap overlays in the MLflow grid artifact (worst misses and false alarms first).
     heatmap_grid_size: int = 16
+    # Retraining after new images landed continues the previous bank's greedy coreset (same images
+    # plus new ones, same settings): its picks are kept and only the new images' share is added,
+    # so the coreset costs time in proportion to the new images. false: every bank from scratch.
+    # `dvc repro` always builds from scratch (reproducible from the data alone).
+    incremental_coreset: bool = True
 
     def __post_init__(self) -> None:
         checks = {

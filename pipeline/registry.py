@@ -248,6 +248,8 @@ class Registry:
             "random_weights": is_random, "feature_identity": record["feature_identity"],
             "threshold_rule": calibration["rule"], "mode": calibration["mode"],
             "figures_measured_on": calibration["report_on"],
+            "coreset_continued_from": (record.get("coreset_continued") or {}).get("from_bank", "none"),
+            "images_extracted": record["features"]["n_extracted"], "images_from_cache": record["features"]["n_cached"],
         }
         tags |= DataVersion.from_dict(record["data_version_record"]).tags()
         run_name = f"train-{product}-{record['data_version'][:8]}" + ("-RANDOM-WEIGHTS" if is_random else "")

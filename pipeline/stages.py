@@ -122,7 +122,8 @@ def coreset(product: str, params: pipeline_config.Params) -> dict[str, Any]:
     """Coreset-subsampled memory bank from the extracted features."""
     out = out_dir(product)
     features = _read(out / "features.json") | {"feature_dir": str(out / "features")}
-    bank = steps.build_memory_bank(out / "manifest.json", out / "split.json", features, params.model)
+    # warm_start stays off: a DVC-built bank depends on the data and params alone (reproducible).
+    bank = steps.build_memory_bank(out / "manifest.json", out / "split.json", features, params.model, warm_start=False)
     _copy_tree(bank["bank_dir"], out / "bank")
     _write(out / "bank.json", {k: v for k, v in bank.items() if k != "seconds"} | {"bank_dir": str(out / "bank")})
     metrics = {"bank_size": bank["bank_size"], "n_train_patches": bank["n_train_patches"],

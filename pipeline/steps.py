@@ -313,45 +313,110 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 # -- 5. memory bank -------------------------------------------------------------------------------
-def bank_key(manifest_path: str | Path, split_path: str | Path, config: PatchCoreConfig) -> str:
+def _bank_images(manifest_path: str | Path, split_path: str | Path) -> list[str]:
+    """Content hashes of the memory-bank images, sorted: the bank depends on content only."""
     manifest, split = load_manifest(manifest_path), read_json(split_path)
     by_path = {e["path"]: e["sha256"] for e in manifest["images"]}
-    return content_key("bank", feature_identity(config)["key"], sorted(by_path[p] for p in split["bank"]), config.to_dict())
+    return sorted(by_path[p] for p in split["bank"])
 
 
-def bank_dir(manifest_path: str | Path, split_path: str | Path, config: PatchCoreConfig) -> Path:
-    return home() / "banks" / bank_key(manifest_path, split_path, config)
+def warm_start_source(images: list[str], config: PatchCoreConfig) -> Path | None:
+    """The bank an incremental refit continues from: among the banks built here with the same
+    feature identity and model config, the one over the largest proper subset of `images` that
+    kept its coreset state. None when there is none (first training, images removed, settings
+    changed, or a coreset that is not greedy)."""
+    from patchcore.model import CORESET_DISTANCES_FILE, ModelFileError, read_model_json
+
+    if config.coreset.method != "approx_greedy" or config.coreset.fraction >= 1.0:
+        return None
+    wanted, identity, settings = set(images), feature_identity(config)["key"], config.to_dict()
+    best, best_size = None, 0
+    for folder in sorted((home() / "banks").glob("*/")):
+        try:
+            meta = read_model_json(folder)
+        except ModelFileError:
+            continue
+        prior = meta.get("provenance", {}).get("train_image_keys") or []
+        if (CORESET_DISTANCES_FILE in meta["files"] and meta["config"] == settings and len(prior) > best_size
+                and meta["provenance"].get("feature_identity") == identity and set(prior) < wanted):
+            best, best_size = folder, len(prior)
+    return best
+
+
+def bank_key(manifest_path: str | Path, split_path: str | Path, config: PatchCoreConfig,
+             warm_start: bool = False) -> str:
+    images = _bank_images(manifest_path, split_path)
+    source = warm_start_source(images, config) if warm_start else None
+    parts = ["bank", feature_identity(config)["key"], images, config.to_dict()]
+    return content_key(*parts, *([f"continued from {source.name}"] if source else []))
+
+
+def bank_dir(manifest_path: str | Path, split_path: str | Path, config: PatchCoreConfig,
+             warm_start: bool = False) -> Path:
+    return home() / "banks" / bank_key(manifest_path, split_path, config, warm_start)
+
+
+def _carry_over(source: Path, images: list[str]):
+    """The source bank's coreset state re-mapped onto the rows of `images` (every image has the
+    same number of patches): its picks keep their place, rows of new images get NaN distances."""
+    from patchcore.coreset import GreedySelection
+    from patchcore.model import read_coreset_state, read_model_json
+
+    meta = read_model_json(source)
+    state = read_coreset_state(source)
+    prior = meta["provenance"]["train_image_keys"]
+    per_image = meta["memory_bank"]["train_patches"] // len(prior)
+    position = {sha: i for i, sha in enumerate(images)}
+    new_start = np.array([position[sha] * per_image for sha in prior], dtype=np.int64)
+    distances = np.full(len(images) * per_image, np.nan, dtype=np.float32)
+    rows = (new_start[:, None] + np.arange(per_image)).reshape(-1)
+    distances[rows] = state.sq_distances
+    picks = new_start[state.indices // per_image] + state.indices % per_image
+    return GreedySelection(picks, distances), {"from_bank": source.name, "prior_images": len(prior),
+                                               "new_images": len(images) - len(prior), "prior_picks": len(picks)}
 
 
 def build_memory_bank(manifest_path: str | Path, split_path: str | Path, features: dict[str, Any],
-                      config: PatchCoreConfig, progress: bool = False) -> dict[str, Any]:
+                      config: PatchCoreConfig, progress: bool = False, warm_start: bool = False) -> dict[str, Any]:
     """The coreset-subsampled memory bank from the cached features, saved as a PatchCore directory
-    (no threshold yet) under banks/<bank_key>/."""
+    (no threshold yet) under banks/<bank_key>/.
+
+    With `warm_start`, an earlier bank over a subset of these images (`warm_start_source`) is
+    continued: its coreset picks are kept and only the picks the new images need are added, so
+    the coreset time grows with the new images, not the whole set. The result then depends on
+    that history (it is recorded in the bank's provenance and its key); `dvc repro` builds from
+    scratch."""
     from patchcore import PatchCore
 
     start = time.perf_counter()
-    key = bank_key(manifest_path, split_path, config)
+    key = bank_key(manifest_path, split_path, config, warm_start)
     out = home() / "banks" / key
     if not (out / "model.json").is_file():
-        manifest, split = load_manifest(manifest_path), read_json(split_path)
-        by_path = {e["path"]: e["sha256"] for e in manifest["images"]}
-        shas = sorted(by_path[p] for p in split["bank"])  # content order: the bank depends on content only
+        shas = _bank_images(manifest_path, split_path)
         files = [Path(features["feature_dir"]) / f"{sha}.npy" for sha in shas]
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise FileNotFoundError(f"{len(absent)} cached feature file(s) are missing, e.g. {absent[0]}; "
                                     "run the extract step again")
+        source = warm_start_source(shas, config) if warm_start else None
+        prior, continued = _carry_over(source, shas) if source else (None, None)
+        if continued:
+            logger.info("coreset continues bank %s (%d images, %d picks): %d new image(s)", source.name,
+                        continued["prior_images"], continued["prior_picks"], continued["new_images"])
         model = PatchCore(config)
         model.fit_features((np.load(f, mmap_mode="r", allow_pickle=False) for f in files), n_images=len(files),
-                           progress=progress)
+                           progress=progress, warm_start=prior)
         digest = hashlib.sha256()
         for sha in shas:
             digest.update(sha.encode())
-        model.provenance_.update({"train_images_sha256": digest.hexdigest(), "feature_identity": features["identity"]})
+        model.provenance_.update({"train_images_sha256": digest.hexdigest(), "feature_identity": features["identity"],
+                                  "train_image_keys": shas, "coreset_continued": continued})
         model.save(out)
     meta = read_json(out / "model.json")
     return {"bank_dir": str(out), "bank_key": key, "bank_size": meta["memory_bank"]["size"],
             "n_train_patches": meta["memory_bank"]["train_patches"], "weights_kind": meta["backbone"]["weights"]["kind"],
+            "coreset_seconds": meta.get("timings", {}).get("coreset_seconds"),
+            "coreset_continued": meta["provenance"].get("coreset_continued"),
             "seconds": time.perf_counter() - start}
 
 
@@ -673,6 +738,7 @@ def training_record(product: str, fingerprint: dict, validation: dict, split: di
         "calibration": calibrated["calibration"], "metrics": data["metrics"], "per_defect_type": data["per_defect_type"],
         "bank_size": bank["bank_size"], "n_bank": split["n_bank"], "weights_kind": bank["weights_kind"],
         "features": {k: features[k] for k in ("n_images", "n_cached", "n_extracted")},
+        "coreset_continued": bank.get("coreset_continued"),
         "cached_stages": [name for name, step in (("coreset", bank), ("evaluate", evaluation)) if step.get("cached")],
         "seconds": {name: round(float(step["seconds"]), 3) for name, step in (
             ("fingerprint", fingerprint), ("validate", validation), ("extract", features), ("coreset", bank),
@@ -735,12 +801,17 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"| data version | `{result['data_version'][:16]}` ({result['data_root']}) |",
         f"| mode | {c['mode']} |",
         f"| memory bank | {result['bank_size']} patches from {result['n_bank']} images |",
+        f"| features | {result['features']['n_extracted']} images extracted, {result['features']['n_cached']} from the cache |",
         f"| held-out nominal images | {c['n_heldout']} |",
         f"| threshold | **{c['threshold']:.6g}** — rule `{c['rule']}`: {c['rule_detail']} |",
         f"| held-out FPR at threshold | {c['heldout_fpr']:.3f} ({c['heldout_false_alarms']} of {c['n_heldout']})"
         + ("" if c["heldout_fpr_independent"] else " — in-sample: these scores picked the threshold") + " |",
         f"| figures at threshold measured on | {c['report_on']} |",
     ]
+    continued = result.get("coreset_continued")
+    if continued:
+        lines.append(f"| coreset | continued bank `{continued['from_bank']}` ({continued['prior_images']} images, "
+                     f"{continued['prior_picks']} picks kept) with {continued['new_images']} new image(s) |")
     at = c.get("at_threshold") or {}
     if at:
         lines.append("| at threshold | " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"

@@ -69,22 +69,31 @@ def extract(fingerprint: dict[str, Any], split: dict[str, Any], params: dict[str
 
 
 def _bank_cache_key(fingerprint: dict, split: dict, features: dict, params: dict) -> str:
-    return cache_key("bank", steps.bank_dir(fingerprint["manifest"], split["split"], _params(params).model))
+    p = _params(params)
+    return cache_key("bank", steps.bank_dir(fingerprint["manifest"], split["split"], p.model, p.pipeline.incremental_coreset))
 
 
 @task(name="coreset memory bank", cache_key_fn=cache_key_from(_bank_cache_key), persist_result=True,
       result_serializer="json", **IO_RETRIES)
 def _coreset(fingerprint: dict[str, Any], split: dict[str, Any], features: dict[str, Any],
              params: dict[str, Any]) -> dict[str, Any]:
-    out = steps.build_memory_bank(fingerprint["manifest"], split["split"], features, _params(params).model)
-    get_run_logger().info("memory bank: %d patches of %d (%s)", out["bank_size"], out["n_train_patches"], out["bank_dir"])
+    p = _params(params)
+    out = steps.build_memory_bank(fingerprint["manifest"], split["split"], features, p.model,
+                                  warm_start=p.pipeline.incremental_coreset)
+    log = get_run_logger()
+    log.info("memory bank: %d patches of %d (%s)", out["bank_size"], out["n_train_patches"], out["bank_dir"])
+    if out["coreset_continued"]:
+        c = out["coreset_continued"]
+        log.info("coreset continued from bank %s: kept its %d picks, added picks for %d new image(s) in %.1f s",
+                 c["from_bank"], c["prior_picks"], c["new_images"], out["coreset_seconds"] or 0.0)
     return out
 
 
 def coreset(fingerprint: dict[str, Any], split: dict[str, Any], features: dict[str, Any],
             params: dict[str, Any]) -> dict[str, Any]:
     """The memory bank, Prefect-cached on the content hash of its inputs (unless its folder is gone)."""
-    folder = steps.bank_dir(fingerprint["manifest"], split["split"], _params(params).model)
+    p = _params(params)
+    folder = steps.bank_dir(fingerprint["manifest"], split["split"], p.model, p.pipeline.incremental_coreset)
     return _timed(_coreset, not (folder / "model.json").is_file(), fingerprint, split, features, params)
 
 

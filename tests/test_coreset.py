@@ -248,3 +248,53 @@ def test_progress_bar_and_torch_threads_left_alone(features, capsys):
     assert len(idx) == 50
     assert "coreset" in capsys.readouterr().err  # the tqdm bar
     assert torch.get_num_threads() == threads
+
+
+# -- incremental selection (warm start) ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["approx_greedy", "greedy_plain"])
+def test_continuing_a_selection_on_the_same_rows_equals_one_longer_run(projected, method):
+    short = coreset.greedy_selection(projected, 0.01, method=method, seed=0, progress=False)
+    longer = coreset.greedy_selection(projected, 0.03, method=method, seed=0, progress=False)
+    continued = coreset.greedy_selection(projected, 0.03, method=method, seed=0, progress=False, prior=short)
+    np.testing.assert_array_equal(continued.indices, longer.indices)
+    np.testing.assert_array_equal(continued.sq_distances, longer.sq_distances)
+
+
+def test_final_distances_are_each_rows_distance_to_the_selection(projected):
+    sel = coreset.greedy_selection(projected, 0.02, seed=0, progress=False)
+    y = projected.double()
+    exact = torch.cdist(y, y[torch.as_tensor(sel.indices)]).min(dim=1).values.square().numpy()
+    chosen = np.zeros(len(exact), bool)
+    chosen[sel.indices] = True
+    assert np.all(sel.sq_distances[chosen] == -1.0)
+    np.testing.assert_allclose(sel.sq_distances[~chosen], exact[~chosen], rtol=1e-3, atol=1e-3)
+
+
+def test_warm_start_covers_new_rows_and_only_adds_their_share_of_picks(features, projected):
+    """New images land: the continued selection keeps the old picks, adds picks for the new
+    rows (fraction x new rows), and covers the new cluster about as well as a fresh run."""
+    old = projected[:4000]
+    rng = np.random.default_rng(1)
+    new = projected[4000:].clone()
+    new[:500] += torch.from_numpy(rng.standard_normal(128).astype(np.float32)) * 20  # a new kind of surface
+    both = torch.cat([old, new])
+    prior = coreset.greedy_selection(old, 0.02, seed=0, progress=False)
+    carried = coreset.GreedySelection(prior.indices, np.concatenate([prior.sq_distances, np.full(len(new), np.nan, np.float32)]))
+    warm = coreset.greedy_selection(both, 0.02, seed=0, progress=False, prior=carried)
+    fresh = coreset.greedy_selection(both, 0.02, seed=0, progress=False)
+    assert len(warm.indices) == len(fresh.indices) == 100
+    np.testing.assert_array_equal(warm.indices[:80], prior.indices)
+    assert np.all(warm.indices[80:] >= 4000)  # the old rows were already covered: the new picks go to the new rows
+    r_prior = coreset.covering_radius(both, prior.indices)
+    r_warm, r_fresh = coreset.covering_radius(both, warm.indices), coreset.covering_radius(both, fresh.indices)
+    assert r_warm < 0.5 * r_prior
+    assert r_warm <= 1.25 * r_fresh
+
+
+def test_warm_start_rejects_a_prior_that_does_not_fit(projected):
+    prior = coreset.greedy_selection(projected[:100], 0.1, seed=0, progress=False)
+    with pytest.raises(ValueError, match="one entry per row"):
+        coreset.greedy_selection(projected, 0.1, seed=0, progress=False, prior=prior)
+    bad = coreset.GreedySelection(np.array([0, 0]), np.full(len(projected), np.nan, np.float32))
+    with pytest.raises(ValueError, match="distinct row indices"):
+        coreset.greedy_selection(projected, 0.1, seed=0, progress=False, prior=bad)

@@ -12,7 +12,8 @@ from PIL import Image
 from patchcore import PatchCore
 from patchcore.data import DataError, ImageError, load_mask, resolve_samples
 from patchcore.evaluation import evaluate
-from patchcore.model import ModelFileError
+from patchcore.coreset import GreedySelection
+from patchcore.model import ModelFileError, read_coreset_state
 from tests.conftest import tiny_config
 
 
@@ -49,7 +50,8 @@ def test_save_load_gives_identical_scores(fitted, product, tmp_path):
     before = fitted.predict(test_images, progress=False)
     fitted.set_threshold(float(np.median(before.scores)), rule="test-median")
     path = fitted.save(tmp_path / "model")
-    assert sorted(p.name for p in path.iterdir()) == ["index.faiss", "memory_bank.npy", "model.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["coreset_indices.npy", "coreset_sq_distances.npy", "index.faiss",
+                                                      "memory_bank.npy", "model.json"]
     loaded = PatchCore.load(path)
     after = loaded.predict(test_images, progress=False)
     np.testing.assert_array_equal(after.scores, before.scores)
@@ -164,3 +166,30 @@ def test_euclidean_distance_is_the_square_root_of_the_reference_score(product, f
     images = sorted((product / "test" / "scratch").glob("*.png"))
     np.testing.assert_allclose(model.predict(images, maps=False, progress=False).scores ** 2,
                                fitted.predict(images, maps=False, progress=False).scores, rtol=1e-5)
+
+
+def test_refit_after_new_images_continues_the_saved_coreset(product, tmp_path):
+    """Incremental refit: the saved selection state (checked like the bank) seeds the refit on
+    old + new images; every old pick stays in the bank and the bank has the usual size."""
+    images = sorted((product / "train" / "good").iterdir())
+    old = PatchCore(tiny_config()).fit(images[:16], progress=False)
+    path = old.save(tmp_path / "old")
+    state = read_coreset_state(path)
+    np.testing.assert_array_equal(state.indices, old.coreset_state_.indices)
+    feats = [f for _, f in old.embed(images, progress=False)]
+    rows_old = sum(len(f) for f in feats[:16])
+    prior = GreedySelection(state.indices, np.concatenate([state.sq_distances,
+                                                           np.full(sum(len(f) for f in feats[16:]), np.nan, np.float32)]))
+    new = PatchCore(tiny_config()).fit_features(feats, progress=False, warm_start=prior)
+    all_rows = np.concatenate(feats)
+    assert len(new.memory_bank_) == int(len(all_rows) * 0.25)
+    kept = {row.tobytes() for row in all_rows[state.indices]}
+    assert kept <= {row.tobytes() for row in new.memory_bank_}
+    assert np.array_equal(new.coreset_state_.indices[:len(state.indices)], state.indices)
+    assert np.any(new.coreset_state_.indices >= rows_old)  # the new images got picks of their own
+
+    np.save(path / "coreset_sq_distances.npy", state.sq_distances * 2)  # tampered state is refused
+    with pytest.raises(ModelFileError, match="checksum"):
+        read_coreset_state(path)
+    with pytest.raises(ValueError, match="warm_start needs the approx_greedy coreset"):
+        PatchCore(tiny_config(**{"coreset.method": "random"})).fit_features(feats, progress=False, warm_start=prior)

@@ -224,6 +224,11 @@ def test_two_simultaneous_triggers_queue_and_new_images_are_extracted_incrementa
     assert trained["registry"]["version"] == "2"
     assert 0 < trained["features"]["n_extracted"] <= 4  # the new images only (some may go to the held-out split)
     assert trained["features"]["n_cached"] == first["features"]["n_extracted"]
+    # ... and the coreset continued the first bank instead of starting over: its picks are kept
+    continued = trained["coreset_continued"]
+    assert first["coreset_continued"] is None and continued is not None
+    assert continued["prior_images"] == first["n_bank"] and continued["new_images"] == trained["n_bank"] - first["n_bank"]
+    assert continued["prior_picks"] == first["bank_size"] < trained["bank_size"]
 
 
 def test_the_training_slot_admits_one_training_per_product_at_a_time(env):
