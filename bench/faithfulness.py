@@ -122,7 +122,8 @@ REFERENCE_RUNNER = textwrap.dedent(
         pretrain_embed_dimension=job["pretrain_dim"],
         target_embed_dimension=job["target_dim"],
         patchsize=job["patch_size"],
-        featuresampler=patchcore.sampler.IdentitySampler(),
+        featuresampler=(patchcore.sampler.RandomSampler(job["sampler_percentage"]) if job.get("sampler_percentage")
+                        else patchcore.sampler.IdentitySampler()),
         anomaly_score_num_nn=1,
         nn_method=patchcore.common.FaissNN(False, job["threads"]),
     )
@@ -254,7 +255,7 @@ def run_reference(src: Path, job: dict, scratch: Path) -> dict:
     }
 
 
-def run_ours(job: dict) -> dict:
+def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0) -> dict:
     import torch
 
     import patchcore
@@ -266,9 +267,9 @@ def run_ours(job: dict) -> dict:
         "backbone": {"name": job["backbone"], "layers": job["layers"], "weights": job["weights"]},
         "image": {"resize": job["resize"], "crop": job["crop"]},
         "features": {"patch_size": job["patch_size"], "pretrain_dim": job["pretrain_dim"], "target_dim": job["target_dim"]},
-        "coreset": {"method": "identity", "fraction": 1.0},
+        "coreset": coreset or {"method": "identity", "fraction": 1.0},
         "scoring": {"k": 1, "distance": "squared", "reweight": False, "knn_backend": "faiss", "smoothing_sigma": 4.0},
-        "runtime": {"device": "cpu", "batch_size": job["batch_size"], "num_workers": 0},
+        "runtime": {"device": "cpu", "batch_size": job["batch_size"], "num_workers": num_workers},
     })
     model = PatchCore(cfg)
     model._setup()  # build the backbone now, so fit_seconds is comparable with the reference's

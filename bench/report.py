@@ -28,6 +28,7 @@ COLUMNS = [
     ("picks/s", lambda rep, run: f"{run['coreset_picks_per_second']:,.0f}" if run["coreset_picks_per_second"] else "–"),
     ("kNN img/s", lambda rep, run: f"{run['knn_images_per_second']:.1f}"),
     ("end-to-end img/s", lambda rep, run: f"{run['end_to_end_images_per_second']:.1f}"),
+    ("end-to-end ms/img", lambda rep, run: f"{1000 / run['end_to_end_images_per_second']:.0f}"),
     ("latency ms", lambda rep, run: f"{run['latency_ms_per_image']:.0f}"),
     ("fit peak RSS MiB", lambda rep, run: f"{run['fit_peak_rss_mib']:,.0f}"),
     ("device", lambda rep, run: rep["device"]),
