@@ -220,6 +220,8 @@ def main(argv=None) -> int:
         run["extraction_vs_bare_forward"] = round(
             (1000 / run["extraction_images_per_second"]) / report["bare_forward_ms_per_image"], 2)
         report["runs"].append(run)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2))  # after every fraction: a stopped run keeps what it measured
         q = run["quality"]
         print(f"fraction {fraction}: bank {run['bank_size']}, extraction {run['extraction_images_per_second']} img/s "
               f"({run['extraction_vs_bare_forward']}x bare forward), coreset {run['coreset_seconds']} s, "
