@@ -309,16 +309,34 @@ def _continue_from(prior: GreedySelection, y: torch.Tensor, sq_norms: torch.Tens
 
 def _sq_distance_to_nearest(rows: torch.Tensor, rows_sq: torch.Tensor, centres: torch.Tensor,
                             centres_sq: torch.Tensor) -> torch.Tensor:
-    """min over centres of |row - centre|^2, chunked so no block exceeds ~16M entries."""
-    out = torch.full((rows.shape[0],), float("inf"), dtype=torch.float32, device=rows.device)
-    c_chunk = min(len(centres), 4096)
-    r_chunk = max(1, (1 << 24) // c_chunk)
-    for s in range(0, rows.shape[0], r_chunk):
-        x, x_sq = rows[s:s + r_chunk], rows_sq[s:s + r_chunk, None]
-        for t in range(0, len(centres), c_chunk):
-            d2 = (x_sq + centres_sq[None, t:t + c_chunk]).sub_(x @ centres[t:t + c_chunk].T, alpha=2.0)
-            torch.minimum(out[s:s + r_chunk], d2.amin(dim=1), out=out[s:s + r_chunk])
-    return out.clamp_(min=0.0)
+    """min over centres of |row - centre|^2, chunked (see _nearest_centre)."""
+    step = _row_chunk(len(centres), rows.shape[0])
+    parts = [_nearest_centre(rows[s:s + step], rows_sq[s:s + step], centres, centres_sq)[0]
+             for s in range(0, rows.shape[0], step)]
+    return torch.cat(parts).clamp_(min=0.0)
+
+
+_CENTRE_CHUNK = 4096
+
+
+def _row_chunk(n_centres: int, max_rows: int) -> int:
+    """Rows per block so that a rows x centre-chunk distance block stays at ~16M entries (~64 MB)."""
+    return max(1, min(max_rows, (1 << 24) // max(1, min(n_centres, _CENTRE_CHUNK))))
+
+
+def _nearest_centre(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, centres_sq: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared distance, index) of each row's nearest centre by the |x|^2 + |c|^2 - 2 x.c
+    expansion, over centre chunks of _CENTRE_CHUNK: never an N x |centres| matrix."""
+    best = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+    best_idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for t in range(0, len(centres), _CENTRE_CHUNK):
+        d2 = x_sq[:, None] + centres_sq[t:t + _CENTRE_CHUNK] - 2.0 * (x @ centres[t:t + _CENTRE_CHUNK].T)
+        val, idx = d2.min(dim=1)
+        better = val < best
+        best = torch.where(better, val, best)
+        best_idx = torch.where(better, idx + t, best_idx)
+    return best, best_idx
 
 
 def covering_radius(projected: torch.Tensor, selected: np.ndarray, chunk_rows: int = 65536) -> float:
@@ -340,22 +358,11 @@ def covering_radius(projected: torch.Tensor, selected: np.ndarray, chunk_rows: i
     mean = y.mean(dim=0, keepdim=True)
     centres = y[sel] - mean
     centre_sq = (centres * centres).sum(dim=1)
-    # Bound the temporary distance block to ~64 MB of float32 whatever |selected| is.
-    sel_chunk = max(1, min(len(sel), 4096))
-    row_chunk = max(1, min(chunk_rows, (1 << 24) // sel_chunk))
-    radius = 0.0
+    radius, step = 0.0, _row_chunk(len(sel), chunk_rows)
     with torch.no_grad():
-        for s in range(0, n, row_chunk):
-            x = y[s:s + row_chunk] - mean
-            x_sq = (x * x).sum(dim=1, keepdim=True)
-            best = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
-            best_idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            for t in range(0, len(sel), sel_chunk):
-                d2 = x_sq + centre_sq[t:t + sel_chunk] - 2.0 * (x @ centres[t:t + sel_chunk].T)
-                val, idx = d2.min(dim=1)
-                better = val < best
-                best = torch.where(better, val, best)
-                best_idx = torch.where(better, idx + t, best_idx)
+        for s in range(0, n, step):
+            x = y[s:s + step] - mean
+            _, best_idx = _nearest_centre(x, (x * x).sum(dim=1), centres, centre_sq)
             exact = (x - centres[best_idx]).norm(dim=1)
             radius = max(radius, float(exact.max()))
     return radius
