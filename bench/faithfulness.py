@@ -255,7 +255,7 @@ def run_reference(src: Path, job: dict, scratch: Path) -> dict:
     }
 
 
-def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0) -> dict:
+def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_backend: str = "auto") -> dict:
     import torch
 
     import patchcore
@@ -268,7 +268,8 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0) -> di
         "image": {"resize": job["resize"], "crop": job["crop"]},
         "features": {"patch_size": job["patch_size"], "pretrain_dim": job["pretrain_dim"], "target_dim": job["target_dim"]},
         "coreset": coreset or {"method": "identity", "fraction": 1.0},
-        "scoring": {"k": 1, "distance": "squared", "reweight": False, "knn_backend": "faiss", "smoothing_sigma": 4.0},
+        "scoring": {"k": 1, "distance": "squared", "reweight": False, "knn_backend": knn_backend,
+                    "smoothing_sigma": 4.0},
         "runtime": {"device": "cpu", "batch_size": job["batch_size"], "num_workers": num_workers},
     })
     model = PatchCore(cfg)
@@ -292,6 +293,7 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0) -> di
         "bank": np.asarray(model.memory_bank_, dtype=np.float32), "test_features": np.concatenate(captured),
         "bank_shape": list(model.memory_bank_.shape), "fit_seconds": t1 - t0, "predict_seconds": t2 - t1,
         "setup_seconds": t0 - start, "patchcore_file": str(Path(patchcore.__file__).resolve()),
+        "knn_backend": model.index_.name,
     }
 
 
@@ -453,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random backbone weights and synthetic data")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="torch/faiss threads, both sides")
+    parser.add_argument("--knn-backend", default="auto", help="our scoring.knn_backend (default: the product default)")
     parser.add_argument("--min-spearman", type=float, default=MIN_SPEARMAN)
     parser.add_argument("--max-rel-diff", type=float, default=MAX_REL_DIFF)
     parser.add_argument("--out", type=Path, help="results JSON (default: bench/results/faithfulness[_synthetic].json)")
@@ -497,7 +500,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
               f"(seed {args.seed}, sha256 {weights_sha[:12]}), {args.resize}->{args.crop}", flush=True)
         print(f"reference: {ref_src}", flush=True)
         ref = run_reference(ref_src, job, scratch)
-        ours = run_ours(job)
+        ours = run_ours(job, knn_backend=args.knn_backend)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -560,7 +563,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "resize": args.resize, "crop": args.crop, "patch_size": args.patch_size, "pretrain_dim": args.pretrain_dim,
             "target_dim": args.target_dim, "k": 1, "distance": "squared L2", "smoothing_sigma": 4.0,
             "coreset": {"ours": "identity (fraction 1.0)", "reference": "IdentitySampler"},
-            "knn": {"ours": "scoring.knn_backend=faiss (IndexFlatL2), distances as PatchCore.patch_scores returns them",
+            "knn": {"ours": f"scoring.knn_backend={args.knn_backend} (ran: {ours['knn_backend']}), distances as "
+                            "PatchCore.patch_scores returns them",
                     "reference": "FaissNN(on_gpu=False): IndexFlatL2 distances as returned"},
             "batch_size": args.batch_size, "threads": args.threads, "device": "cpu",
         },

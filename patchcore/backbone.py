@@ -14,6 +14,7 @@ Must never import prefect, mlflow, dvc or great_expectations.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from patchcore.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
 
@@ -242,7 +244,15 @@ class FeatureExtractor(nn.Module):
         else:
             from torchvision.models.feature_extraction import create_feature_extractor
         # FX graph pruning drops every module after the last requested layer.
-        self.body = create_feature_extractor(model, return_nodes=list(layers))
+        body = create_feature_extractor(model, return_nodes=list(layers))
+        if not model.training and isinstance(body, torch.fx.GraphModule):
+            # Inference only: fold every BatchNorm that directly follows a convolution into the
+            # convolution's weights and bias (torch's own FX pass). Same function, one pass over
+            # memory less per layer: ~10% of the CPU forward time; outputs agree to float rounding.
+            # On a copy, so the caller's network keeps its own layers (deepcopy of torchvision's
+            # DualGraphModule comes back in training mode, hence the .eval()).
+            body = fuse(copy.deepcopy(body).eval(), inplace=True, no_trace=True)
+        self.body = body
         self.layers = list(layers)
 
     @torch.no_grad()

@@ -77,7 +77,7 @@ class ScoringConfig:
     # Paper Eq. 7 reweighting of the image score by the density around the matched bank entry.
     reweight: bool = False
     reweight_b: int = 9  # neighbourhood size b of Eq. 7
-    knn_backend: str = "auto"  # auto | faiss | faiss-gpu | torch
+    knn_backend: str = "auto"  # auto | faiss | bounded | faiss-gpu | torch
     smoothing_sigma: float = 4.0  # Gaussian sigma (pixels) applied to upsampled anomaly maps
 
 
@@ -118,8 +118,8 @@ class PatchCoreConfig:
         _check(c.scoring.k >= 1, f"scoring.k must be >= 1, got {c.scoring.k}")
         _check(c.scoring.distance in ("squared", "euclidean"),
                f"scoring.distance must be 'squared' or 'euclidean', got {c.scoring.distance!r}")
-        _check(c.scoring.knn_backend in ("auto", "faiss", "faiss-gpu", "torch"),
-               f"scoring.knn_backend must be auto, faiss, faiss-gpu or torch, got {c.scoring.knn_backend!r}")
+        _check(c.scoring.knn_backend in ("auto", "faiss", "bounded", "faiss-gpu", "torch"),
+               f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}")
         _check(c.runtime.bank_dtype in ("float32", "float16"),
                f"runtime.bank_dtype must be float32 or float16, got {c.runtime.bank_dtype!r}")
         _check(c.runtime.batch_size >= 1, "runtime.batch_size must be >= 1")

@@ -141,6 +141,26 @@ def test_any_module_path_can_be_a_layer():
     assert [o.shape[1] for o in outputs] == [32, 96]
 
 
+def test_inference_extractor_folds_batchnorm_without_changing_outputs_or_the_model():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        layer2 = model.layer2(model.layer1(h))
+        expected = [layer2, model.layer3(layer2)]
+    extractor = FeatureExtractor(model, ["layer2", "layer3"])
+    executed = [extractor.body.get_submodule(n.target) for n in extractor.body.graph.nodes if n.op == "call_module"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in executed)
+    for got, want in zip(extractor(x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the caller's network still has (and applies) its own BatchNorms
+        torch.testing.assert_close(model.layer2(model.layer1(h)), layer2, rtol=0, atol=0)
+
+
 def test_timm_backbones_work_by_prefix():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

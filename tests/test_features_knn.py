@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from patchcore.features import patch_features
-from patchcore.knn import FaissIndex, TorchIndex, make_index
+from patchcore.knn import BoundedIndex, FaissIndex, TorchIndex, make_index
 
 
 def _reference_definition(maps, patch_size, pretrain_dim, target_dim):
@@ -53,7 +53,7 @@ def _brute_force(bank, queries, k):
     return np.take_along_axis(d2, order, axis=1), order
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "torch", "bounded"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_knn_equals_brute_force(backend, k):
     rng = np.random.default_rng(0)
@@ -64,6 +64,41 @@ def test_knn_equals_brute_force(backend, k):
     expected_d, expected_i = _brute_force(bank, queries, k)
     np.testing.assert_array_equal(indices, expected_i)
     np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-4)
+
+
+def _patch_like(rng, n, dim=128, rank=12):
+    """Rows with most of their variance on a few axes (as CNN patch features have) plus noise."""
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, :rank]
+    return ((rng.normal(size=(n, rank)) * np.geomspace(30, 3, rank)) @ basis.T
+            + rng.normal(scale=0.3, size=(n, dim)) + 5.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bounded_search_is_exact_whether_the_bound_settles_a_query_or_not(k):
+    rng = np.random.default_rng(4)
+    bank = _patch_like(rng, 3000)
+    queries = np.concatenate([bank[:200] + rng.normal(scale=0.5, size=(200, 128)).astype(np.float32),
+                              _patch_like(rng, 200)])
+    expected_d, expected_i = _brute_force(bank, queries, k)
+    tight = BoundedIndex.build(bank)  # most queries settled by the bound
+    # Any orthonormal axes keep the search exact (random ones just give a weaker bound).
+    loose = BoundedIndex(bank, FaissIndex.from_bank(bank), bank.mean(axis=0), np.linalg.qr(rng.normal(size=(128, 32)))[0], 4)
+    for index in (tight, loose):
+        distances, indices = index.search(queries, k)
+        np.testing.assert_array_equal(indices, expected_i)
+        np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-3)
+    near = BoundedIndex.build(bank)
+    near.search(queries[:200], k)  # patches close to a bank entry, like nominal test patches
+    assert near.lead < 64 and near.stats["settled"] > 0.9 * 200
+    # Novel patches (the second half) sit among many near-equidistant entries: faiss settles those.
+    assert tight.stats["settled"] < len(queries) and loose.stats["settled"] < len(queries)
+
+
+def test_auto_backend_takes_the_bound_only_where_the_spectrum_pays():
+    rng = np.random.default_rng(5)
+    assert isinstance(make_index(_patch_like(rng, 1000), backend="auto", device="cpu"), BoundedIndex)
+    isotropic = rng.normal(size=(1000, 128)).astype(np.float32)
+    assert type(make_index(isotropic, backend="auto", device="cpu")) is FaissIndex
 
 
 def test_auto_backend_is_faiss_on_cpu_and_index_round_trips(tmp_path):

@@ -13,6 +13,7 @@ from patchcore import PatchCore
 from patchcore.data import DataError, ImageError, load_mask, resolve_samples
 from patchcore.evaluation import evaluate
 from patchcore.coreset import GreedySelection
+from patchcore.knn import make_index
 from patchcore.model import ModelFileError, read_coreset_state
 from tests.conftest import tiny_config
 
@@ -159,6 +160,19 @@ def test_eq7_reweighting_scales_scores_down_and_keeps_the_ranking(product, fitte
     assert np.all(rw <= plain + 1e-9) and np.all(rw > 0)
     assert not np.allclose(rw, plain)
     assert result_rw.metrics["image_auroc"] >= 0.85
+
+
+@pytest.mark.parametrize("backend", ["faiss", "bounded"])
+def test_knn_backends_give_the_default_scores_and_maps(product, fitted, tmp_path, backend):
+    images = [s.path for s in resolve_samples(product, split="test")]
+    default = fitted.predict(images, progress=False)
+    other = PatchCore.load(fitted.save(tmp_path / "m"))
+    other.config.scoring.knn_backend = backend
+    other.index_ = make_index(other.memory_bank_.astype(np.float32), backend, "cpu")
+    assert other.index_.name == backend
+    result = other.predict(images, progress=False)
+    np.testing.assert_allclose(result.scores, default.scores, rtol=1e-6)
+    np.testing.assert_allclose(result.anomaly_maps, default.anomaly_maps, rtol=1e-5, atol=1e-6)
 
 
 def test_euclidean_distance_is_the_square_root_of_the_reference_score(product, fitted):
