@@ -294,6 +294,8 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
         "bank_shape": list(model.memory_bank_.shape), "fit_seconds": t1 - t0, "predict_seconds": t2 - t1,
         "setup_seconds": t0 - start, "patchcore_file": str(Path(patchcore.__file__).resolve()),
         "knn_backend": model.index_.name,
+        "knn_settled_by_bound": (round(model.index_.stats["settled"] / max(1, model.index_.stats["queries"]), 4)
+                                 if hasattr(model.index_, "stats") else None),
     }
 
 

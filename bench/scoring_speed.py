@@ -6,8 +6,11 @@ random subset of a smaller training set, because scoring cost depends on the ban
 how it was chosen, and the reference's own coreset would take 12 minutes). The timed part is
 each side's `predict` over the test images: decode, preprocess, backbone, patch features,
 nearest-neighbour search, image scores and anomaly maps (upsampled and smoothed). Ours runs
-twice: with the decode in the main process (num_workers 0, as the reference does) and with the
-product default (2 DataLoader workers overlapping decode with compute).
+with the product's defaults (knn_backend auto: the principal-axes bounded search on the CPU;
+BatchNorm folded into the convolutions) with the decode in the main process (num_workers 0, as
+the reference does) and with 2 DataLoader workers, and once with plain faiss IndexFlatL2 (what
+the reference searches with). The bare forward pass to layer3 is timed too, with and without the
+BatchNorm folding, to show where the time goes.
 
     python bench/scoring_speed.py        # -> bench/results/scoring_speed_cpu.json
 """
@@ -31,6 +34,34 @@ from bench.faithfulness import (DEFAULT_DATA, RESULTS, SetupError, environment, 
                                 resolve_reference, run_ours, run_reference, write_weights)
 
 PATCHES_PER_IMAGE = 28 * 28  # wide_resnet50_2 layer2 grid at 224 px
+
+
+def bare_forward(weights: Path, threads: int, batch_size: int, repeats: int = 5) -> dict:
+    """ms/image of the wide_resnet50_2 forward pass to layer3 (224 px, channels-last), with the
+    network's BatchNorms as they are and folded into the convolutions (what the product runs)."""
+    import torch
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from patchcore.backbone import FeatureExtractor
+
+    torch.set_num_threads(threads)
+    model = torchvision.models.wide_resnet50_2()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    variants = {"batchnorm_as_is": create_feature_extractor(model, return_nodes=["layer2", "layer3"]).eval(),
+                "batchnorm_folded": FeatureExtractor(model, ["layer2", "layer3"]).eval()}
+    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    times = {name: [] for name in variants}
+    with torch.inference_mode():
+        for net in variants.values():
+            net.to(memory_format=torch.channels_last)(x)  # warm-up
+        for _ in range(repeats):  # interleaved, so drifting load hits both alike
+            for name, net in variants.items():
+                start = time.perf_counter()
+                net(x)
+                times[name].append((time.perf_counter() - start) / batch_size * 1000)
+    return {name: round(min(v), 1) for name, v in times.items()} | {"batch_size": batch_size, "statistic": f"min of {repeats}"}
 
 
 def main(argv=None) -> int:
@@ -62,8 +93,11 @@ def main(argv=None) -> int:
         print(f"{len(train)} train / {len(test)} test MTD images, bank {args.bank_size} patches "
               f"(random subset, fraction {fraction:.4f}); reference: {ref_src}", flush=True)
         ref = run_reference(ref_src, job, scratch)
-        ours0 = run_ours(job, coreset={"method": "random", "fraction": fraction}, num_workers=0)
-        ours2 = run_ours(job, coreset={"method": "random", "fraction": fraction}, num_workers=2)
+        sampler = {"method": "random", "fraction": fraction}
+        ours0 = run_ours(job, coreset=sampler, num_workers=0)
+        ours2 = run_ours(job, coreset=sampler, num_workers=2)
+        ours_faiss = run_ours(job, coreset=sampler, num_workers=0, knn_backend="faiss")
+        forward = bare_forward(weights, args.threads, args.batch_size)
     except SetupError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -71,7 +105,8 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     n = len(test)
-    runs = {"reference": ref, "ours_num_workers_0": ours0, "ours_num_workers_2": ours2}
+    runs = {"reference": ref, "ours_num_workers_0": ours0, "ours_num_workers_2": ours2,
+            "ours_faiss_num_workers_0": ours_faiss}
     per_image = {name: round(r["predict_seconds"] / n, 4) for name, r in runs.items()}
     report = {
         "benchmark": "scoring speed vs the reference implementation (bench/scoring_speed.py)",
@@ -83,6 +118,9 @@ def main(argv=None) -> int:
         "bank_shapes": {name: r["bank_shape"] for name, r in runs.items()},
         "seconds_per_image": per_image,
         "speedup_vs_reference": {name: round(per_image["reference"] / v, 2) for name, v in per_image.items()},
+        "knn_backend": {name: r.get("knn_backend", "faiss (reference)") for name, r in runs.items()},
+        "knn_settled_by_bound": {name: r.get("knn_settled_by_bound") for name, r in runs.items() if name != "reference"},
+        "bare_forward_ms_per_image": forward,
         "machine": environment(args.threads),
         "load_average_at_start": [round(x, 2) for x in load_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -91,7 +129,9 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for name, v in per_image.items():
-        print(f"{name:<22} {v * 1000:8.1f} ms/image  ({report['speedup_vs_reference'][name]}x the reference)")
+        print(f"{name:<26} {v * 1000:8.1f} ms/image  ({report['speedup_vs_reference'][name]}x the reference; "
+              f"kNN {report['knn_backend'][name]})")
+    print(f"bare forward to layer3: {forward}")
     print(f"wrote {args.out}")
     return 0
 
