@@ -115,19 +115,23 @@ class BoundedIndex:
 
     name = "bounded"
 
-    def __init__(self, bank: np.ndarray, fallback: FaissIndex, mean: np.ndarray, axes: np.ndarray,
-                 candidates: int = 16):
+    def __init__(self, fallback: FaissIndex, mean: np.ndarray, axes: np.ndarray, candidates: int = 16):
+        if not isinstance(fallback.index, faiss.IndexFlat):
+            raise TypeError("BoundedIndex needs a flat (exact) faiss index to read rows from and fall back to")
         self.fallback = fallback
-        self.ntotal, self.dim = bank.shape
+        self.ntotal, self.dim = fallback.ntotal, fallback.dim
         self.lead = axes.shape[1]
         self.candidates = candidates
-        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        # The rows as faiss stores them (a view, not another copy of the bank).
+        self.bank = faiss.rev_swig_ptr(fallback.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
         self.mean = mean.astype(np.float32)
         self.axes = np.ascontiguousarray(axes, dtype=np.float32)
-        centred = self.bank - self.mean
         self.lead_index = faiss.IndexFlatL2(self.lead)  # the bound: distances over the leading axes
-        self.lead_index.add(np.ascontiguousarray(centred @ self.axes))
-        self.max_centred_sq = float(np.einsum("ij,ij->i", centred, centred).max())
+        self.max_centred_sq = 0.0
+        for start in range(0, self.ntotal, 16384):  # in chunks: no bank-sized temporaries
+            centred = self.bank[start:start + 16384] - self.mean
+            self.lead_index.add(np.ascontiguousarray(centred @ self.axes))
+            self.max_centred_sq = max(self.max_centred_sq, float(np.einsum("ij,ij->i", centred, centred).max()))
         # Rounding of the bound's float32 products: |error| <= ~lead * 2^-24 * (|q|^2 + |b|^2),
         # doubled, plus the axes being orthonormal only to float32 precision.
         self.rel_margin = max(self.lead, 128) * 2.0**-23
@@ -155,10 +159,10 @@ class BoundedIndex:
         eigenvalues, vectors = np.clip(eigenvalues[::-1], 0.0, None), vectors[:, ::-1]
         share = np.cumsum(eigenvalues) / max(float(eigenvalues.sum()), 1e-30)
         lead = int(np.searchsorted(share, variance) + 1)
-        lead = min(dim, max(32, -(-lead // 32) * 32))
+        lead = min(dim, max(64, -(-lead // 32) * 32))
         if lead > max_lead_share * dim:
             return None
-        return cls(bank, fallback or FaissIndex.from_bank(bank), mean, vectors[:, :lead], candidates)
+        return cls(fallback or FaissIndex.from_bank(bank), mean, vectors[:, :lead], candidates)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
