@@ -128,8 +128,8 @@ class BoundedIndex:
         self.axes = np.ascontiguousarray(axes, dtype=np.float32)
         self.lead_index = faiss.IndexFlatL2(self.lead)  # the bound: distances over the leading axes
         self.max_centred_sq = 0.0
-        for start in range(0, self.ntotal, 16384):  # in chunks: no bank-sized temporaries
-            centred = self.bank[start:start + 16384] - self.mean
+        for start in range(0, self.ntotal, 8192):  # in chunks: no bank-sized temporaries
+            centred = self.bank[start:start + 8192] - self.mean
             self.lead_index.add(np.ascontiguousarray(centred @ self.axes))
             self.max_centred_sq = max(self.max_centred_sq, float(np.einsum("ij,ij->i", centred, centred).max()))
         # Rounding of the bound's float32 products: |error| <= ~lead * 2^-24 * (|q|^2 + |b|^2),
@@ -139,7 +139,7 @@ class BoundedIndex:
 
     @classmethod
     def build(cls, bank: np.ndarray, fallback: FaissIndex | None = None, variance: float = 0.98,
-              candidates: int = 16, sample_rows: int = 16384, seed: int = 0, max_lead_share: float = 0.5
+              candidates: int = 16, sample_rows: int = 8192, seed: int = 0, max_lead_share: float = 0.5
               ) -> BoundedIndex | None:
         """The index for `bank`, or None when its spectrum is too flat for the bound to pay (the
         leading axes that carry `variance` of it are more than `max_lead_share` of all).
@@ -167,7 +167,7 @@ class BoundedIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n, m = len(queries), self.candidates
-        if k > m or n == 0:
+        if k > m or n == 0 or self.ntotal <= m:
             return self.fallback.search(queries, k)
         centred = queries - self.mean
         bound, order = self.lead_index.search(np.ascontiguousarray(centred @ self.axes), m + 1)  # ascending
