@@ -54,25 +54,23 @@ def measure(name: str, overrides: dict, train: list, queries: list, bank_size: i
     per_image = len(q) / len(queries)
     plain = FaissIndex.from_bank(bank)
     start = time.perf_counter()
-    bounded = BoundedIndex.build(bank, plain, max_lead_share=1.0)
+    auto = BoundedIndex.build(bank, plain)  # what knn_backend auto builds; None when it declines
     build_s = time.perf_counter() - start
-    times = {"faiss": [], "bounded": []}
+    bounded = auto or BoundedIndex.build(bank, plain, max_lead_share=1.0)  # measured either way
+    times, found = {"faiss": [], "bounded": []}, {}
     for _ in range(repeats):
         for label, index in (("faiss", plain), ("bounded", bounded)):
             start = time.perf_counter()
-            _, i = index.search(q, 1)
+            _, found[label] = index.search(q, 1)
             times[label].append((time.perf_counter() - start) / len(queries) * 1000)
-            if label == "faiss":
-                i_plain = i
-            else:
-                i_bounded = i
+    i_plain, i_bounded = found["faiss"], found["bounded"]
     exact = lambda idx: ((q.astype(np.float64) - bank[idx[:, 0]]) ** 2).sum(axis=1)  # noqa: E731
     e_plain, e_bounded = exact(i_plain), exact(i_bounded)
     ms = {label: round(min(v), 1) for label, v in times.items()}
     result = {
         "settings": overrides, "bank": list(bank.shape), "queries": len(q), "patches_per_image": int(per_image),
         "variance_share_on_leading_axes": spectrum(bank), "lead_axes": bounded.lead,
-        "auto_would_pick": "bounded" if bounded.lead <= bank.shape[1] // 2 else "faiss",
+        "auto_would_pick": "bounded" if auto else "faiss",
         "settled_by_bound": round(bounded.stats["settled"] / bounded.stats["queries"], 4),
         "build_seconds": round(build_s, 2), "ms_per_image": ms, "speedup": round(ms["faiss"] / ms["bounded"], 2),
         "same_neighbour_share": float(np.mean(i_plain[:, 0] == i_bounded[:, 0])),
