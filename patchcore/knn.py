@@ -8,8 +8,13 @@ Backends, picked by `make_index(..., backend="auto")`:
 - "torch": exact chunked matmul + top-k on any torch device, the GPU path that needs no faiss-gpu;
 - "bounded": exact search on the CPU that reads most of the bank in a few dimensions only
   (`BoundedIndex`); "auto" picks it on the CPU when the bank's spectrum makes it pay, else faiss.
-All return SQUARED L2 distances (faiss' convention); the caller decides whether to take the root.
-The faiss CPU index is what gets saved (`index.faiss`), whatever backend scores.
+All return SQUARED L2 distances (faiss' convention), ascending per query, computed as sums of
+squared differences |q - b|^2 for the neighbours found: faiss and the matmul backends rank by
+|q|^2 + |b|^2 - 2 q.b in float32, and with patch-feature norms ~100x the nearest-neighbour distance
+that cancellation costs up to ~1e-3 relative error; recomputing the k found distances is exact to
+float32 rounding and costs queries x k x dim operations. The caller decides whether to take the root.
+At most min(k, bank size) neighbours come back. The faiss CPU index is what gets saved
+(`index.faiss`), whatever backend scores.
 
 Must never import prefect, mlflow, dvc or great_expectations.
 """
@@ -26,12 +31,35 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def exact_sq_distances(rows: np.ndarray, queries: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """(n, k) float32 |queries[i] - rows[indices[i, j]]|^2 as sums of squared differences (faiss'
+    SIMD kernel: no |q|^2 + |b|^2 - 2 q.b cancellation). rows, queries: C-contiguous float32."""
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    n, k = indices.shape
+    out = np.empty((n, k), dtype=np.float32)
+    if n and k:
+        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(rows),
+                                faiss.swig_ptr(indices), rows.shape[1], n, k)
+    return out
+
+
+def _ascending(distances: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if distances.shape[1] < 2:
+        return distances, indices
+    order = np.argsort(distances, axis=1, kind="stable")
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+
+
 class FaissIndex:
     name = "faiss"
 
-    def __init__(self, index: faiss.Index):
-        self.index = index
-        self.ntotal, self.dim = index.ntotal, index.d
+    def __init__(self, index: faiss.Index, cpu_index: faiss.Index | None = None):
+        """`index` searches; `cpu_index` is its flat CPU original when `index` lives on a GPU."""
+        cpu = index if cpu_index is None else cpu_index
+        if not isinstance(cpu, faiss.IndexFlat):
+            raise TypeError(f"expected a flat (exact) faiss index, got {type(cpu).__name__}")
+        self.index, self._cpu = index, cpu
+        self.ntotal, self.dim = cpu.ntotal, cpu.d
 
     @classmethod
     def from_bank(cls, bank: np.ndarray) -> FaissIndex:
@@ -39,15 +67,21 @@ class FaissIndex:
         index.add(np.ascontiguousarray(bank, dtype=np.float32))
         return cls(index)
 
+    def rows(self) -> np.ndarray:
+        """The bank rows as faiss stores them (a view of the CPU index, not a copy)."""
+        flat = self.cpu_index()
+        return faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, indices = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return distances, indices
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, indices = self.index.search(queries, min(k, self.ntotal))
+        return _ascending(exact_sq_distances(self.rows(), queries, indices), indices)
 
     def save(self, path: Path) -> None:
         faiss.write_index(self.cpu_index(), str(path))
 
     def cpu_index(self) -> faiss.Index:
-        return self.index
+        return self._cpu
 
     @classmethod
     def read(cls, path: Path) -> FaissIndex:
@@ -58,12 +92,8 @@ class FaissGpuIndex(FaissIndex):
     name = "faiss-gpu"
 
     def __init__(self, cpu_index: faiss.Index, device_id: int = 0):
-        self._cpu = cpu_index
         self._resources = faiss.StandardGpuResources()
-        super().__init__(faiss.index_cpu_to_gpu(self._resources, device_id, cpu_index))
-
-    def cpu_index(self) -> faiss.Index:
-        return self._cpu
+        super().__init__(faiss.index_cpu_to_gpu(self._resources, device_id, cpu_index), cpu_index)
 
 
 class TorchIndex:
@@ -90,9 +120,11 @@ class TorchIndex:
         for start in range(0, len(queries), self.query_chunk):
             q = queries[start : start + self.query_chunk]
             d2 = (q * q).sum(dim=1, keepdim=True) + self.bank_sq[None, :] - 2.0 * (q @ self.bank.T)
-            values, indices = torch.topk(d2.clamp_min_(0.0), k, dim=1, largest=False)
-            dists.append(values)
-            idxs.append(indices)
+            _, indices = torch.topk(d2, k, dim=1, largest=False)
+            exact = (q[:, None, :] - self.bank[indices]).square_().sum(dim=-1)  # difference form
+            exact, order = torch.sort(exact, dim=1, stable=True)
+            dists.append(exact)
+            idxs.append(torch.gather(indices, 1, order))
         return torch.cat(dists).cpu().numpy(), torch.cat(idxs).cpu().numpy().astype(np.int64)
 
 
@@ -116,14 +148,11 @@ class BoundedIndex:
     name = "bounded"
 
     def __init__(self, fallback: FaissIndex, mean: np.ndarray, axes: np.ndarray, candidates: int = 16):
-        if not isinstance(fallback.index, faiss.IndexFlat):
-            raise TypeError("BoundedIndex needs a flat (exact) faiss index to read rows from and fall back to")
         self.fallback = fallback
         self.ntotal, self.dim = fallback.ntotal, fallback.dim
         self.lead = axes.shape[1]
         self.candidates = candidates
-        # The rows as faiss stores them (a view, not another copy of the bank).
-        self.bank = faiss.rev_swig_ptr(fallback.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+        self.bank = fallback.rows()  # a view of faiss' storage, not another copy of the bank
         self.mean = mean.astype(np.float32)
         self.axes = np.ascontiguousarray(axes, dtype=np.float32)
         self.lead_index = faiss.IndexFlatL2(self.lead)  # the bound: distances over the leading axes
@@ -172,9 +201,7 @@ class BoundedIndex:
         centred = queries - self.mean
         bound, order = self.lead_index.search(np.ascontiguousarray(centred @ self.axes), m + 1)  # ascending
         cand = np.ascontiguousarray(order[:, :m])
-        full = np.empty((n, m), dtype=np.float32)  # full distances of the candidates, difference form
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(full), faiss.swig_ptr(queries), faiss.swig_ptr(self.bank),
-                                faiss.swig_ptr(cand), self.dim, n, m)
+        full = exact_sq_distances(self.bank, queries, cand)  # the candidates' full distances
         pos = np.argsort(full, axis=1, kind="stable")[:, :k]
         distances, indices = np.take_along_axis(full, pos, 1), np.take_along_axis(cand, pos, 1)
         margin = self.rel_margin * (np.einsum("ij,ij->i", centred, centred) + self.max_centred_sq)

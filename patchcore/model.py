@@ -238,15 +238,9 @@ class PatchCore:
     def patch_scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(P, dim) features -> (per-patch score (P,), nearest bank index (P,))."""
         s = self.config.scoring
-        _, indices = self.index_.search(features, s.k)
-        # faiss computes |q|² + |b|² − 2q·b in float32; with feature norms ~100× the nearest-neighbour
-        # distance that cancellation costs up to ~1e-3 relative error. Recomputing |q − b|² for the
-        # k found neighbours is exact to float32 rounding and costs P·k·D operations.
-        neighbours = self.memory_bank_[indices].astype(np.float32, copy=False)
-        distances = np.square(neighbours - features[:, None, :]).sum(axis=-1)
-        if s.k > 1:
-            order = np.argsort(distances, axis=1, kind="stable")
-            distances, indices = np.take_along_axis(distances, order, 1), np.take_along_axis(indices, order, 1)
+        # Squared L2 to the k nearest bank rows, ascending, recomputed as |q − b|² by every backend
+        # (no float32 |q|² + |b|² − 2q·b cancellation: see patchcore.knn).
+        distances, indices = self.index_.search(features, s.k)
         if s.distance == "euclidean":
             distances = np.sqrt(np.maximum(distances, 0.0))
         return distances.mean(axis=1), indices[:, 0]

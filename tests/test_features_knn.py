@@ -94,6 +94,34 @@ def test_bounded_search_is_exact_whether_the_bound_settles_a_query_or_not(k):
     assert tight.stats["settled"] < len(queries) and loose.stats["settled"] < len(queries)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch", "bounded"])
+def test_distances_are_exact_where_norms_dwarf_the_distances(backend):
+    # Patch features: squared norms far larger than nearest-neighbour distances. A float32
+    # |q|^2 + |b|^2 - 2 q.b (faiss' raw value) is off by more than the distance itself here.
+    # (Enough queries for faiss to take its BLAS path, as a batch of images does.)
+    rng = np.random.default_rng(7)
+    bank = _patch_like(rng, 1500) + np.float32(300.0)
+    queries = bank[:1000] + rng.normal(scale=0.05, size=(1000, 128)).astype(np.float32)
+    distances, indices = make_index(bank, backend=backend, device="cpu").search(queries, 3)
+    q64, b64 = queries.astype(np.float64), bank.astype(np.float64)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(1000))  # each query's own row is nearest
+    # The reported distances are those of the rows reported, to float32 rounding, and ascending.
+    np.testing.assert_allclose(distances, ((q64[:, None, :] - b64[indices]) ** 2).sum(-1), rtol=1e-5)
+    assert (np.diff(distances, axis=1) >= 0).all()
+    raw, _ = FaissIndex.from_bank(bank).index.search(queries, 1)
+    exact = ((q64 - b64[:1000]) ** 2).sum(-1)
+    assert np.abs(raw[:, 0] - exact).max() > exact.min()  # the trap is real: raw faiss is off by more
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "bounded"])
+def test_k_beyond_the_bank_returns_every_row_once(backend):
+    bank = np.random.default_rng(8).normal(size=(3, 8)).astype(np.float32)
+    distances, indices = make_index(bank, backend=backend, device="cpu").search(bank[:2], 5)
+    assert indices.shape == distances.shape == (2, 3)
+    assert [sorted(row) for row in indices.tolist()] == [[0, 1, 2]] * 2
+    assert (np.diff(distances, axis=1) >= 0).all()
+
+
 def test_auto_backend_takes_the_bound_only_where_the_spectrum_pays():
     rng = np.random.default_rng(5)
     assert isinstance(make_index(_patch_like(rng, 1000), backend="auto", device="cpu"), BoundedIndex)
