@@ -108,7 +108,8 @@ class PatchCore:
         self.weights_: WeightsIdentity | None = None
         self.layers_: list[str] | None = None
         self.memory_bank_: np.ndarray | None = None
-        self.index_ = None
+        self._index = None  # built on first search (see index_)
+        self._stored_index = None  # the faiss index read by load(), re-used by that build
         self.grid_: tuple[int, int] | None = None
         self.n_train_images_: int = 0
         self.n_train_patches_: int = 0
@@ -212,7 +213,7 @@ class PatchCore:
             del all_rows
         self.memory_bank_ = bank.astype(cfg.runtime.bank_dtype)
         self.n_train_images_, self.n_train_patches_ = n_images or images, rows
-        self.index_ = make_index(self.memory_bank_.astype(np.float32), cfg.scoring.knn_backend, self._runtime.device)
+        self._index = self._stored_index = None  # a new bank: the search index is rebuilt when first used
         logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
         return self
 
@@ -231,8 +232,21 @@ class PatchCore:
         return self.coreset_state_.indices
 
     # -- predict ---------------------------------------------------------------------------
+    @property
+    def index_(self):
+        """The nearest-neighbour search over the memory bank (`scoring.knn_backend`), built the
+        first time it is needed: a fit whose model is only saved never pays for it."""
+        if self._index is None and self.memory_bank_ is not None:
+            self._index = make_index(self.memory_bank_.astype(np.float32), self.config.scoring.knn_backend,
+                                     resolve_device(self.config.runtime.device), cpu_index=self._stored_index)
+        return self._index
+
+    @index_.setter
+    def index_(self, index) -> None:
+        self._index = index
+
     def _check_fitted(self) -> None:
-        if self.index_ is None:
+        if self.memory_bank_ is None:
             raise RuntimeError("this PatchCore model is not fitted: call fit() or PatchCore.load() first")
 
     def patch_scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +287,7 @@ class PatchCore:
         """Score images (folder / list file / list of paths, uint8 arrays or PIL images)."""
         self._check_fitted()
         rt = self._setup()
+        self.index_  # noqa: B018 (build the search index now: a backend that cannot run fails before any image is read)
         items = _as_items(images)
         cfg = self.config
         loader = make_loader(items, rt.transform, cfg.runtime.batch_size, cfg.runtime.num_workers)
@@ -382,8 +397,7 @@ class PatchCore:
         model.provenance_ = meta.get("provenance") or {}
         model.timings_ = meta.get("timings") or {}
         model._setup()  # rebuilds the backbone and refuses weights that differ from the record
-        model.index_ = make_index(bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device,
-                                  cpu_index=index.index)
+        model._stored_index = index.index
         return model
 
 

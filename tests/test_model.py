@@ -175,6 +175,19 @@ def test_knn_backends_give_the_default_scores_and_maps(product, fitted, tmp_path
     np.testing.assert_allclose(result.anomaly_maps, default.anomaly_maps, rtol=1e-5, atol=1e-6)
 
 
+def test_a_knn_backend_that_cannot_run_fails_before_any_image_is_read(fitted, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: faiss-gpu may run here")
+    model = PatchCore.load(fitted.save(tmp_path / "m"))
+    model.config.scoring.knn_backend = "faiss-gpu"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")  # reading it would raise ImageError instead
+    with pytest.raises(RuntimeError, match="cannot run on a GPU"):
+        model.predict([broken], progress=False)
+
+
 def test_euclidean_distance_is_the_square_root_of_the_reference_score(product, fitted):
     model = PatchCore(tiny_config(**{"scoring.distance": "euclidean"})).fit(product, progress=False)
     images = sorted((product / "test" / "scratch").glob("*.png"))
