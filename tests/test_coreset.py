@@ -112,9 +112,18 @@ def test_fast_method_breaks_exact_ties_like_plain():
     np.testing.assert_array_equal(fast, plain)
 
 
-def test_fast_method_keeps_exactly_the_plain_distances(projected):
+@pytest.mark.parametrize("all_blocks,dense", [(0.25, 0.5), (1.1, 0.5), (0.0, 1.1), (0.0, 0.0)],
+                         ids=["defaults", "gathered-only", "all-blocks-gathered", "all-blocks-dense"])
+def test_fast_method_keeps_exactly_the_plain_distances(projected, monkeypatch, all_blocks, dense):
     # Stronger than equal picks: after many picks every point's running distance must be
-    # bit-identical, i.e. the pruning never skipped an update the plain loop makes.
+    # bit-identical, i.e. the pruning never skipped an update the plain loop makes, whichever
+    # way a pick's update is done (gathered surviving blocks, every block in place with the
+    # undecided points gathered, or a dense pass).
+    monkeypatch.setattr(coreset, "_ALL_BLOCKS_FRACTION", all_blocks)
+    monkeypatch.setattr(coreset, "_DENSE_FRACTION", dense)
+    calls = []
+    update_all = coreset._update_all_blocks
+    monkeypatch.setattr(coreset, "_update_all_blocks", lambda *a: calls.append(1) or update_all(*a))
     y, sq = coreset._prepare(projected, torch.device("cpu"))
     start = coreset._initial_sq_distances(y, sq, N, coreset._start_points(N, 10, 0))
     plain_state = start.clone()
@@ -127,6 +136,7 @@ def test_fast_method_keeps_exactly_the_plain_distances(projected):
     fast_state = torch.full_like(plain_state, float("nan"))
     fast_state[blocks.order[real]] = blocks.cur.view(-1)[real]
     assert torch.equal(fast_state, plain_state)
+    assert (len(calls) == 0) == (all_blocks > 1) and (all_blocks > 0 or len(calls) > 250)
 
 
 def test_prepared_matrix_preserves_distances(projected):
