@@ -108,8 +108,7 @@ class PatchCore:
         self.weights_: WeightsIdentity | None = None
         self.layers_: list[str] | None = None
         self.memory_bank_: np.ndarray | None = None
-        self._index = None  # built on first search (see index_)
-        self._stored_index = None  # the faiss index read by load(), re-used by that build
+        self._index = None  # built on first search after fit (see index_), at load
         self.grid_: tuple[int, int] | None = None
         self.n_train_images_: int = 0
         self.n_train_patches_: int = 0
@@ -213,7 +212,7 @@ class PatchCore:
             del all_rows
         self.memory_bank_ = bank.astype(cfg.runtime.bank_dtype)
         self.n_train_images_, self.n_train_patches_ = n_images or images, rows
-        self._index = self._stored_index = None  # a new bank: the search index is rebuilt when first used
+        self._index = None  # a new bank: the search index is built when first used
         logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
         return self
 
@@ -234,11 +233,12 @@ class PatchCore:
     # -- predict ---------------------------------------------------------------------------
     @property
     def index_(self):
-        """The nearest-neighbour search over the memory bank (`scoring.knn_backend`), built the
-        first time it is needed: a fit whose model is only saved never pays for it."""
+        """The nearest-neighbour search over the memory bank (`scoring.knn_backend`). After fit it is
+        built the first time it is needed (a fit whose model is only saved never pays for it);
+        load builds it at once, so a served model answers its first request without that delay."""
         if self._index is None and self.memory_bank_ is not None:
             self._index = make_index(self.memory_bank_.astype(np.float32), self.config.scoring.knn_backend,
-                                     resolve_device(self.config.runtime.device), cpu_index=self._stored_index)
+                                     resolve_device(self.config.runtime.device))
         return self._index
 
     @index_.setter
@@ -397,7 +397,8 @@ class PatchCore:
         model.provenance_ = meta.get("provenance") or {}
         model.timings_ = meta.get("timings") or {}
         model._setup()  # rebuilds the backbone and refuses weights that differ from the record
-        model._stored_index = index.index
+        model.index_ = make_index(bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device,
+                                  cpu_index=index.index)
         return model
 
 

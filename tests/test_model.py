@@ -175,13 +175,15 @@ def test_knn_backends_give_the_default_scores_and_maps(product, fitted, tmp_path
     np.testing.assert_allclose(result.anomaly_maps, default.anomaly_maps, rtol=1e-5, atol=1e-6)
 
 
-def test_a_knn_backend_that_cannot_run_fails_before_any_image_is_read(fitted, tmp_path):
+def test_a_knn_backend_that_cannot_run_fails_before_any_image_is_read(product, tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: faiss-gpu may run here")
-    model = PatchCore.load(fitted.save(tmp_path / "m"))
-    model.config.scoring.knn_backend = "faiss-gpu"
+    train = sorted((product / "train" / "good").glob("*.png"))[:2]
+    model = PatchCore(tiny_config(**{"scoring.knn_backend": "faiss-gpu"})).fit(train, progress=False)
+    with pytest.raises(RuntimeError, match="cannot run on a GPU"):
+        PatchCore.load(model.save(tmp_path / "m"))  # refused at load too
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")  # reading it would raise ImageError instead
     with pytest.raises(RuntimeError, match="cannot run on a GPU"):
