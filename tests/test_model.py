@@ -222,3 +222,15 @@ def test_refit_after_new_images_continues_the_saved_coreset(product, tmp_path):
         read_coreset_state(path)
     with pytest.raises(ValueError, match="warm_start needs the approx_greedy coreset"):
         PatchCore(tiny_config(**{"coreset.method": "random"})).fit_features(feats, progress=False, warm_start=prior)
+
+
+def test_bank_rows_are_read_back_exactly(tmp_path):
+    from patchcore.model import _read_rows
+
+    rows = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    rows.tofile(tmp_path / "f.f32")
+    picked = np.array([0, 7, 8, 49])
+    np.testing.assert_array_equal(_read_rows(tmp_path / "f.f32", 50, 16, picked), rows[picked])
+    np.testing.assert_array_equal(_read_rows(tmp_path / "f.f32", 50, 16, None), rows)
+    with pytest.raises(OSError, match="short read"):
+        _read_rows(tmp_path / "f.f32", 51, 16, np.array([50]))
