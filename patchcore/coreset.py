@@ -632,8 +632,7 @@ def _greedy_blocked(blocks: _Blocks, n_picks: int, bar) -> list[int]:
 
 def _blocked_pick(bk: _Blocks) -> int:
     """One step of _greedy_blocked: take the farthest point, update the distances, return it."""
-    block, lead = bk.block, bk.lead
-    x_flat, sq_flat, cur_flat = bk.x_flat, bk.sq_flat, bk.cur_flat
+    block = bk.block
     b = int(torch.argmax(bk.upper))
     j = int(torch.argmax(bk.cur[b]))
     best = bk.upper[b]
@@ -655,25 +654,12 @@ def _blocked_pick(bk: _Blocks) -> int:
         return pick
 
     # Stage 2 on the blocks that survived.
-    c_lead = centre[:lead]
-    c_lead_sq = (c_lead * c_lead).sum()
-    lead_sq = bk.x_lead_sq.index_select(0, act)
-    dots = torch.mv(bk.x_lead.index_select(0, act).view(-1, lead), c_lead).view(len(act), block)
-    bound = (lead_sq + c_lead_sq).sub_(dots, alpha=2.0).sub_(lead_sq + c_lead_sq, alpha=_REL_TOL)
-    c_rest = (centre[lead:] - bk.centre.index_select(0, act)[:, lead:]).norm(dim=1).mul_(1.0 - _REL_TOL)
-    gap = (c_rest[:, None] - bk.rest.index_select(0, act)).clamp_(min=0.0)
-    bound.addcmul_(gap, gap)
+    bound = _point_bounds(bk, centre, act)
     cur_act = bk.cur.index_select(0, act)
     hit_b, hit_j = (bound < cur_act + margin.index_select(0, act)[:, None]).nonzero(as_tuple=True)
-
-    # Full distances of the candidates, in a batch padded to a multiple of 8 rows so that
-    # the kernel rounds exactly as in greedy_plain (duplicates of a row are harmless).
     rows = act.index_select(0, hit_b) * block + hit_j
-    if len(rows) % _ROW_ALIGN:
-        rows = torch.cat([rows, rows[:1].expand(_ROW_ALIGN - len(rows) % _ROW_ALIGN)])
     if len(rows):
-        new = _sq_dists_to(x_flat.index_select(0, rows), sq_flat.index_select(0, rows), centre, centre_sq)
-        cur_flat[rows] = torch.minimum(cur_flat.index_select(0, rows), new)
+        _update_rows(bk, rows, centre, centre_sq)
         bk.upper.index_copy_(0, act, bk.cur.index_select(0, act).amax(dim=1))
     bk.upper[b] = bk.cur[b].amax()  # the pick's own entry changed even if nothing else did
     return pick
@@ -684,25 +670,39 @@ def _update_all_blocks(bk: _Blocks, centre: torch.Tensor, centre_sq: torch.Tenso
     per-point bound, read in place. Points it cannot rule out get their full distance, gathered
     when they are few, else in one dense pass over all rows (the plain method's update; row
     counts stay multiples of 8, so either way the values are the plain method's)."""
-    block, lead = bk.block, bk.lead
-    x_flat, sq_flat, cur_flat = bk.x_flat, bk.sq_flat, bk.cur_flat
+    bound = _point_bounds(bk, centre)
+    rows = (bound < bk.cur + margin[:, None]).view(-1).nonzero().squeeze(1)
+    if len(rows) > _DENSE_FRACTION * len(bk.cur_flat):
+        torch.minimum(bk.cur_flat, _sq_dists_to(bk.x_flat, bk.sq_flat, centre, centre_sq), out=bk.cur_flat)
+    elif len(rows):
+        _update_rows(bk, rows, centre, centre_sq)
+    torch.amax(bk.cur, dim=1, out=bk.upper)  # the pick's own entry changed in any case
+
+
+def _point_bounds(bk: _Blocks, centre: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 2's lower bound on |x - c|^2 for every point of the blocks `act` ((len(act), block);
+    None: all blocks, read in place), lowered by the float32 rounding margins:
+    |L(x - c)|^2 by expansion, plus (|R(c - m_b)| - |R(x - m_b)|)_+^2."""
+    lead = bk.lead
+    blocks = (lambda t: t) if act is None else (lambda t: t.index_select(0, act))
     c_lead = centre[:lead]
     c_lead_sq = (c_lead * c_lead).sum()
-    # |L(x - c)|^2 by expansion, lowered by the rounding margin relative to |Lx|^2 + |Lc|^2
-    bound = (bk.x_lead_sq + c_lead_sq).mul_(1.0 - _REL_TOL)
-    bound.sub_(torch.mv(bk.x_lead.view(-1, lead), c_lead).view(bk.num, block), alpha=2.0)
-    c_rest = (centre[lead:] - bk.centre[:, lead:]).norm(dim=1).mul_(1.0 - _REL_TOL)
-    gap = (c_rest[:, None] - bk.rest).clamp_(min=0.0)
-    bound.addcmul_(gap, gap)
-    rows = (bound < bk.cur + margin[:, None]).view(-1).nonzero().squeeze(1)
-    if len(rows) > _DENSE_FRACTION * len(cur_flat):
-        torch.minimum(cur_flat, _sq_dists_to(x_flat, sq_flat, centre, centre_sq), out=cur_flat)
-    elif len(rows):
-        if len(rows) % _ROW_ALIGN:
-            rows = torch.cat([rows, rows[:1].expand(_ROW_ALIGN - len(rows) % _ROW_ALIGN)])
-        new = _sq_dists_to(x_flat.index_select(0, rows), sq_flat.index_select(0, rows), centre, centre_sq)
-        cur_flat[rows] = torch.minimum(cur_flat.index_select(0, rows), new)
-    torch.amax(bk.cur, dim=1, out=bk.upper)  # the pick's own entry changed in any case
+    lead_sq = blocks(bk.x_lead_sq)
+    dots = torch.mv(blocks(bk.x_lead).view(-1, lead), c_lead).view(lead_sq.shape)
+    bound = (lead_sq + c_lead_sq).sub_(dots, alpha=2.0).sub_(lead_sq + c_lead_sq, alpha=_REL_TOL)
+    c_rest = (centre[lead:] - blocks(bk.centre)[:, lead:]).norm(dim=1).mul_(1.0 - _REL_TOL)
+    gap = (c_rest[:, None] - blocks(bk.rest)).clamp_(min=0.0)
+    return bound.addcmul_(gap, gap)
+
+
+def _update_rows(bk: _Blocks, rows: torch.Tensor, centre: torch.Tensor, centre_sq: torch.Tensor) -> None:
+    """Lower the current distances of the (flat) rows `rows` to their full distance to the centre,
+    computed in a batch padded to a multiple of 8 rows so that the kernel rounds exactly as in
+    greedy_plain (duplicates of a row are harmless)."""
+    if len(rows) % _ROW_ALIGN:
+        rows = torch.cat([rows, rows[:1].expand(_ROW_ALIGN - len(rows) % _ROW_ALIGN)])
+    new = _sq_dists_to(bk.x_flat.index_select(0, rows), bk.sq_flat.index_select(0, rows), centre, centre_sq)
+    bk.cur_flat[rows] = torch.minimum(bk.cur_flat.index_select(0, rows), new)
 
 
 def _smallest_index_tie(blocks: _Blocks, best: torch.Tensor) -> tuple[int, int]:

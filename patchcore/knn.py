@@ -178,7 +178,7 @@ class BoundedIndex:
         self.max_centred_sq = 0.0
         for start in range(0, self.ntotal, 8192):  # in chunks: no bank-sized temporaries
             centred = self.bank[start:start + 8192] - self.mean
-            self.lead_index.add(np.ascontiguousarray(centred @ self.axes))
+            self.lead_index.add(self._lead_coords(centred))
             self.max_centred_sq = max(self.max_centred_sq, float(np.einsum("ij,ij->i", centred, centred).max()))
         # Rounding of the bound's float32 products: |error| <= ~lead * 2^-24 * (|q|^2 + |b|^2),
         # doubled, plus the axes being orthonormal only to float32 precision.
@@ -212,18 +212,20 @@ class BoundedIndex:
             return None
         return cls(fallback or FaissIndex.from_bank(bank), mean, vectors[:, :lead], candidates)
 
+    def _lead_coords(self, centred: np.ndarray) -> np.ndarray:
+        """Centred rows on the leading axes. In torch, not numpy: numpy's OpenBLAS keeps its own
+        worker threads spinning for a while after each product, and on a 2-core machine they
+        slowed the next backbone forward pass by 30-50 ms (torch's threads are the forward's own)."""
+        return (torch.from_numpy(np.ascontiguousarray(centred)) @ self._axes_t).numpy()
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n, m = len(queries), self.candidates
         if k > m or n == 0 or self.ntotal <= m:
             return self.fallback.search(queries, k)
         centred = queries - self.mean
-        # The projection runs in torch, not numpy: numpy's OpenBLAS keeps its own worker threads
-        # spinning for a while after each product, and on a 2-core machine they slowed the next
-        # backbone forward pass by 30-50 ms (torch's threads share one pool with the forward).
-        lead_coords = (torch.from_numpy(centred) @ self._axes_t).numpy()
         with _faiss_blas_always():
-            bound, order = self.lead_index.search(lead_coords, m + 1)  # ascending
+            bound, order = self.lead_index.search(self._lead_coords(centred), m + 1)  # ascending
         cand = np.ascontiguousarray(order[:, :m])
         full = exact_sq_distances(self.bank, queries, cand)  # the candidates' full distances
         pos = np.argsort(full, axis=1, kind="stable")[:, :k]
