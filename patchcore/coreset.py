@@ -146,7 +146,8 @@ def _drop_mapped_pages(features) -> None:
         pass  # purely an optimisation
 
 
-def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: int = 65536) -> torch.Tensor:
+def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: int = 65536,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Random linear projection (no bias) of (N, D) features to (N, dim) float32 on `device`.
 
     `features` may be a numpy array / memmap (float16 or float32) or a torch tensor. Rows are
@@ -154,6 +155,7 @@ def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: i
     float32 as a whole. The map depends only on (D, dim, seed), so projecting a bank piecewise
     gives the same map as projecting it at once. As in the reference, features that already
     have `dim` columns are returned unprojected (as float32); ``dim=None`` also skips it.
+    `out`: write into this (N, dim) float32 tensor instead of a new one (and return it).
     """
     if len(getattr(features, "shape", ())) != 2:
         raise ValueError(f"features must be a 2-d (N, D) array, got shape {getattr(features, 'shape', None)}")
@@ -161,16 +163,20 @@ def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: i
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     device = torch.device(device)
     n, d = int(features.shape[0]), int(features.shape[1])
-    if dim is None or dim == d:
-        out = torch.empty((n, d), dtype=torch.float32, device=device)
+    if dim is not None and dim < 1:
+        raise ValueError(f"projection dim must be >= 1, got {dim}")
+    width = d if dim is None or dim == d else int(dim)
+    if out is None:
+        out = torch.empty((n, width), dtype=torch.float32, device=device)
+    elif tuple(out.shape) != (n, width) or out.dtype != torch.float32 or out.device.type != device.type:
+        raise ValueError(f"out must be a float32 ({n}, {width}) tensor on {device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if width == d:
         for s in range(0, n, chunk_rows):
             out[s:s + chunk_rows] = _rows_as_float32(features, s, min(n, s + chunk_rows), device)
             _drop_mapped_pages(features)
         return out
-    if dim < 1:
-        raise ValueError(f"projection dim must be >= 1, got {dim}")
     weight_t = _projection_matrix(d, int(dim), int(seed)).to(device).t()
-    out = torch.empty((n, int(dim)), dtype=torch.float32, device=device)
     with torch.no_grad():
         for s in range(0, n, chunk_rows):
             e = min(n, s + chunk_rows)
@@ -417,7 +423,11 @@ def _prepare(projected, device: torch.device, chunk_rows: int = 65536) -> tuple[
         e = min(n, s + chunk_rows)
         torch.matmul(src[s:e].to(device=device, dtype=torch.float32) - mean, rotation, out=y[s:e])
     y[n:] = y[0]
-    return y, (y * y).sum(dim=1)
+    sq_norms = torch.empty(len(y), dtype=torch.float32, device=device)
+    for s in range(0, len(y), chunk_rows):  # row by row, so chunking leaves the values alone
+        part = y[s:s + chunk_rows]
+        torch.sum(part * part, dim=1, out=sq_norms[s:s + chunk_rows])
+    return y, sq_norms
 
 
 def _start_points(n: int, num_starts: int, seed: int) -> np.ndarray:
@@ -548,7 +558,7 @@ class _Blocks:
         self.x_lead_sq = (self.x_lead * self.x_lead).sum(dim=2)
         radius = torch.empty(self.num, dtype=self.x.dtype, device=self.x.device)
         self.rest = torch.empty_like(self.cur)  # |x - m_b| over the non-leading coordinates
-        step = max(1, (1 << 20) // block)
+        step = max(1, (1 << 16) // block)  # blocks per chunk: 64k points of temporaries at a time
         for s in range(0, self.num, step):
             diff = self.x[s:s + step] - self.centre[s:s + step, None]
             radius[s:s + step] = diff.norm(dim=2).amax(dim=1)

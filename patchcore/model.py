@@ -186,7 +186,8 @@ class PatchCore:
             raise ValueError("warm_start needs the approx_greedy coreset with fraction < 1, "
                              f"not {cfg.coreset.method} at fraction {cfg.coreset.fraction}")
         dim = cfg.features.target_dim
-        projected: list[torch.Tensor] = []
+        greedy = cfg.coreset.method == "approx_greedy" and cfg.coreset.fraction < 1.0
+        projected = _RowBuffer(n_images)
         t0 = _extraction_start or time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="patchcore-fit-", dir=scratch_dir) as tmp:
             raw = Path(tmp) / "features.f32"
@@ -196,16 +197,19 @@ class PatchCore:
                     feats = np.ascontiguousarray(feats, dtype=np.float32)
                     if feats.ndim != 2 or feats.shape[1] != dim:
                         raise ValueError(f"patch features must have shape (patches, {dim}), got {feats.shape}")
-                    out.write(feats.tobytes())
-                    if cfg.coreset.method == "approx_greedy" and cfg.coreset.fraction < 1.0:
-                        projected.append(coreset_lib.project(feats, cfg.coreset.projection_dim, seed=cfg.runtime.seed))
+                    out.write(feats.data)
+                    if greedy:
+                        width = feats.shape[1] if cfg.coreset.projection_dim is None else cfg.coreset.projection_dim
+                        coreset_lib.project(feats, cfg.coreset.projection_dim, seed=cfg.runtime.seed,
+                                            out=projected.next_rows(len(feats), width))
                     rows += len(feats)
                     images += 1
             if rows == 0:
                 raise ValueError("no training images: the memory bank would be empty")
             self.timings_["extract_seconds"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            selected = self._select(rows, projected, progress, warm_start)
+            selected = self._select(rows, projected.rows(), progress, warm_start)
+            del projected
             self.timings_["coreset_seconds"] = time.perf_counter() - t1
             bank = _read_rows(raw, rows, dim, None if selected is None else np.sort(selected))
         self.memory_bank_ = bank.astype(cfg.runtime.bank_dtype)
@@ -214,7 +218,7 @@ class PatchCore:
         logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
         return self
 
-    def _select(self, rows: int, projected: list[torch.Tensor], progress: bool, warm_start=None) -> np.ndarray | None:
+    def _select(self, rows: int, projected: torch.Tensor | None, progress: bool, warm_start=None) -> np.ndarray | None:
         from patchcore import coreset as coreset_lib
 
         c, seed = self.config.coreset, self.config.runtime.seed
@@ -224,7 +228,7 @@ class PatchCore:
         if c.method == "random":
             return coreset_lib.select_coreset(np.empty((rows, 1), np.float32), c.fraction, method="random", seed=seed, progress=False)
         self.coreset_state_ = coreset_lib.greedy_selection(
-            torch.cat(projected), c.fraction, num_starts=c.num_starts, seed=seed,
+            projected, c.fraction, num_starts=c.num_starts, seed=seed,
             device=self._runtime.device, progress=progress, prior=warm_start)
         return self.coreset_state_.indices
 
@@ -398,6 +402,37 @@ class PatchCore:
         model.index_ = make_index(bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device,
                                   cpu_index=index.index)
         return model
+
+
+class _RowBuffer:
+    """The per-image projections of a fit, written into one growing float32 tensor.
+
+    Sized from the first image's row count times the expected number of images, so a normal fit
+    allocates it once: no per-image tensors left scattered over the heap (on a WRN50 10% MTD fit
+    those, with their allocator fragmentation, held ~0.8 GB for 0.3 GB of rows) and no
+    concatenated copy at the end. Grows by half again when the estimate is short."""
+
+    def __init__(self, expected_images: int | None):
+        self.expected_images = max(1, expected_images or 1)
+        self.data: torch.Tensor | None = None
+        self.n = 0
+
+    def next_rows(self, count: int, width: int) -> torch.Tensor:
+        """A (count, width) view of the next free rows."""
+        if self.data is None:
+            self.data = torch.empty(count * self.expected_images, width, dtype=torch.float32)
+        elif self.data.shape[1] != width:
+            raise ValueError(f"projected rows must all have {self.data.shape[1]} columns, got {width}")
+        if self.n + count > len(self.data):
+            grown = torch.empty(max(self.n + count, len(self.data) * 3 // 2), width, dtype=torch.float32)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        view = self.data[self.n:self.n + count]
+        self.n += count
+        return view
+
+    def rows(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data[:self.n]
 
 
 def _read_rows(path: Path, n_rows: int, dim: int, rows: np.ndarray | None) -> np.ndarray:

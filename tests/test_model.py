@@ -224,6 +224,23 @@ def test_refit_after_new_images_continues_the_saved_coreset(product, tmp_path):
         PatchCore(tiny_config(**{"coreset.method": "random"})).fit_features(feats, progress=False, warm_start=prior)
 
 
+@pytest.mark.parametrize("n_images", [None, 3, 12, 40])
+def test_streamed_fit_selects_the_same_coreset_as_the_whole_feature_set(n_images):
+    """fit keeps only the projection of each image in memory; whatever image count it is told to
+    expect (none, too few, exact, too many), the bank is the coreset of all rows at once."""
+    from patchcore import coreset
+
+    rng = np.random.default_rng(3)
+    feats = [rng.normal(size=(49, 32)).astype(np.float32) for _ in range(12)]
+    cfg = tiny_config(**{"features.target_dim": 32})
+    model = PatchCore(cfg).fit_features(iter(feats), n_images=n_images, progress=False)
+    all_rows = np.concatenate(feats)
+    expected = coreset.select_coreset(all_rows, cfg.coreset.fraction, projection_dim=cfg.coreset.projection_dim,
+                                      num_starts=cfg.coreset.num_starts, seed=cfg.runtime.seed, progress=False)
+    np.testing.assert_array_equal(model.memory_bank_, all_rows[np.sort(expected)])
+    assert model.n_train_patches_ == len(all_rows)
+
+
 def test_bank_rows_are_read_back_exactly(tmp_path):
     from patchcore.model import _read_rows
 
