@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["METHODS", "GreedySelection", "project", "select_coreset", "select_from_projected", "greedy_selection",
+__all__ = ["METHODS", "GreedySelection", "project", "projected_width", "select_coreset", "select_from_projected", "greedy_selection",
            "covering_radius"]
 
 METHODS = ("approx_greedy", "greedy_plain", "random", "identity")
@@ -146,6 +146,12 @@ def _drop_mapped_pages(features) -> None:
         pass  # purely an optimisation
 
 
+def projected_width(in_dim: int, dim: int | None) -> int:
+    """Columns `project` returns for `in_dim`-column features: `dim`, or `in_dim` when it skips the
+    projection (``dim`` None or equal to `in_dim`)."""
+    return in_dim if dim is None or dim == in_dim else int(dim)
+
+
 def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: int = 65536,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """Random linear projection (no bias) of (N, D) features to (N, dim) float32 on `device`.
@@ -165,7 +171,7 @@ def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: i
     n, d = int(features.shape[0]), int(features.shape[1])
     if dim is not None and dim < 1:
         raise ValueError(f"projection dim must be >= 1, got {dim}")
-    width = d if dim is None or dim == d else int(dim)
+    width = projected_width(d, dim)
     if out is None:
         out = torch.empty((n, width), dtype=torch.float32, device=device)
     elif tuple(out.shape) != (n, width) or out.dtype != torch.float32 or out.device.type != device.type:

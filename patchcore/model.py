@@ -187,7 +187,7 @@ class PatchCore:
                              f"not {cfg.coreset.method} at fraction {cfg.coreset.fraction}")
         dim = cfg.features.target_dim
         greedy = cfg.coreset.method == "approx_greedy" and cfg.coreset.fraction < 1.0
-        projected = _RowBuffer(n_images)
+        projected = _RowBuffer(n_images, coreset_lib.projected_width(dim, cfg.coreset.projection_dim))
         t0 = _extraction_start or time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="patchcore-fit-", dir=scratch_dir) as tmp:
             raw = Path(tmp) / "features.f32"
@@ -199,9 +199,8 @@ class PatchCore:
                         raise ValueError(f"patch features must have shape (patches, {dim}), got {feats.shape}")
                     out.write(feats.data)
                     if greedy:
-                        width = feats.shape[1] if cfg.coreset.projection_dim is None else cfg.coreset.projection_dim
                         coreset_lib.project(feats, cfg.coreset.projection_dim, seed=cfg.runtime.seed,
-                                            out=projected.next_rows(len(feats), width))
+                                            out=projected.next_rows(len(feats)))
                     rows += len(feats)
                     images += 1
             if rows == 0:
@@ -412,19 +411,18 @@ class _RowBuffer:
     those, with their allocator fragmentation, held ~0.8 GB for 0.3 GB of rows) and no
     concatenated copy at the end. Grows by half again when the estimate is short."""
 
-    def __init__(self, expected_images: int | None):
+    def __init__(self, expected_images: int | None, width: int):
         self.expected_images = max(1, expected_images or 1)
+        self.width = width
         self.data: torch.Tensor | None = None
         self.n = 0
 
-    def next_rows(self, count: int, width: int) -> torch.Tensor:
+    def next_rows(self, count: int) -> torch.Tensor:
         """A (count, width) view of the next free rows."""
         if self.data is None:
-            self.data = torch.empty(count * self.expected_images, width, dtype=torch.float32)
-        elif self.data.shape[1] != width:
-            raise ValueError(f"projected rows must all have {self.data.shape[1]} columns, got {width}")
+            self.data = torch.empty(count * self.expected_images, self.width, dtype=torch.float32)
         if self.n + count > len(self.data):
-            grown = torch.empty(max(self.n + count, len(self.data) * 3 // 2), width, dtype=torch.float32)
+            grown = torch.empty(max(self.n + count, len(self.data) * 3 // 2), self.width, dtype=torch.float32)
             grown[:self.n] = self.data[:self.n]
             self.data = grown
         view = self.data[self.n:self.n + count]
