@@ -54,8 +54,11 @@ demo: install
 	@echo "  inspected images:              $(PATCHCORE_HOME)/inspect/$(PRODUCT)/scores.csv and heatmaps/"
 	@echo "  the serving model:             mlflow.pyfunc.load_model(\"models:/patchcore-$(PRODUCT)@champion\")"
 
-# Fast suite (slow, real-data and real-weights tests included when their inputs exist).
+# Lint and format check (ruff, line length 120), then the suite (slow, real-data and real-weights
+# tests included when their inputs exist).
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -ra
 
 bench: install

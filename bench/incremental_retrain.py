@@ -7,7 +7,7 @@ new images go through the backbone, and the coreset continues the first bank's s
 pipeline.incremental_coreset), and, for comparison, from scratch (empty cache, coreset from
 scratch). The covering radius of both selections (max distance of any bank patch to its nearest
 selected patch, in the coreset's projected space) shows what the continued selection costs in
-quality. The step functions are the ones the Prefect `train` flow runs (pipeline/steps.py):
+quality. The step functions are the ones the Prefect `train` flow runs (pipeline/steps/):
 fingerprint -> split -> extract -> coreset. Validation, evaluation and registration are left out
 (they do not depend on the feature cache).
 
@@ -33,17 +33,20 @@ sys.path.insert(0, str(ROOT))
 
 def run_training(data: Path, params, warm_start: bool) -> dict:
     from pipeline import steps
+    from pipeline.store import Store
 
     start = time.perf_counter()
-    fp = steps.fingerprint_dataset(data, "bench")
-    split = steps.split_dataset(fp["manifest"], params.pipeline)
-    features = steps.extract_features(fp["manifest"], split["split"], params.model)
-    bank = steps.build_memory_bank(fp["manifest"], split["split"], features, params.model, warm_start=warm_start)
-    return {"bank_dir": bank["bank_dir"], "feature_dir": features["feature_dir"], "continued": bank["coreset_continued"],
-            "seconds_coreset_selection": round(bank["coreset_seconds"], 2),"n_train": fp["n_train"], "n_bank_images": split["n_bank"], "n_extracted": features["n_extracted"],
-            "n_reused": features["n_cached"], "seconds_fingerprint": round(fp["seconds"], 2),
-            "seconds_extract": round(features["seconds"], 2), "seconds_bank": round(bank["seconds"], 2),
-            "seconds_total": round(time.perf_counter() - start, 2), "bank_size": bank["bank_size"]}
+    store = Store.from_settings(params)
+    fp = steps.fingerprint_dataset(store, data, "bench")
+    split = steps.split_dataset(store, fp, params.pipeline)
+    features = steps.extract_features(store, fp, split, params.model)
+    bank = steps.build_memory_bank(store, fp, split, features, params.model, warm_start=warm_start)
+    return {"bank_dir": bank.bank_dir, "feature_dir": features.feature_dir, "continued": bank.coreset_continued,
+            "seconds_coreset_selection": round(bank.coreset_seconds, 2), "n_train": fp.n_train,
+            "n_bank_images": split.n_bank, "n_extracted": features.n_extracted,
+            "n_reused": features.n_cached, "seconds_fingerprint": round(fp.seconds, 2),
+            "seconds_extract": round(features.seconds, 2), "seconds_bank": round(bank.seconds, 2),
+            "seconds_total": round(time.perf_counter() - start, 2), "bank_size": bank.bank_size}
 
 
 def covering_radius(run: dict, config) -> float:
@@ -110,7 +113,7 @@ def main() -> None:
             del run["bank_dir"], run["feature_dir"]
 
     result = {
-        "what": "retrain after +{:.0%} nominal images: warm per-image feature cache vs from scratch".format(args.new_fraction),
+        "what": f"retrain after +{args.new_fraction:.0%} nominal images: warm per-image feature cache vs from scratch",
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},

@@ -152,8 +152,8 @@ def child(args) -> None:
         lat.append(time.perf_counter() - t)
     out["latency_ms_per_image"] = round(1000 * float(np.median(lat[1:] or lat)), 1)
     m = result.metrics
-    out["quality"] = {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "f1", "f1_threshold")}
-    out["quality"]["f1_errors"] = m["f1_confusion"]["errors"]
+    out["quality"] = {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold")}
+    out["quality"]["f1_errors"] = m["f1_max_confusion"]["errors"]
     out["per_defect_type"] = result.per_defect_type
     out["peak_rss_mib"] = round(rss_mib(), 1)
     Path(args.result).write_text(json.dumps(out, indent=2))

@@ -35,8 +35,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.faithfulness import (DEFAULT_DATA, RESULTS, SetupError, environment, mtd_images,  # noqa: E402
-                                resolve_reference, run_ours, run_reference, write_weights)
+from bench.faithfulness import (  # noqa: E402
+    DEFAULT_DATA,
+    RESULTS,
+    SetupError,
+    environment,
+    mtd_images,
+    resolve_reference,
+    run_ours,
+    run_reference,
+    write_weights,
+)
 
 PATCHES_PER_IMAGE = 28 * 28  # wide_resnet50_2 layer2 grid at 224 px
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         m = evaluate(model, validation, progress=False).metrics
         row = {"layers": layers, "patch_size": patch, "resize": resize, "crop": crop,
                "image_auroc": round(m["image_auroc"], 4), "pixel_auroc": round(m["pixel_auroc"], 4),
-               "pro": round(m["pro"], 4), "f1_errors": m["f1_confusion"]["errors"],
+               "pro": round(m["pro"], 4), "f1_errors": m["f1_max_confusion"]["errors"],
                "seconds": round(time.perf_counter() - start, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)

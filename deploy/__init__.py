@@ -1,2 +1,3 @@
-"""Operations: Prefect deployments (schedules, the new-data trigger) and the watcher's debounce logic.
-Schedules, triggers and serves only: no training logic lives here."""
+"""Operations: the Prefect deployments (schedules, the new-data trigger; deploy/serve.py). The
+watcher's debounce logic is pipeline/watching.py. Schedules, triggers and serves only: no training
+logic lives here."""

@@ -23,14 +23,23 @@ import sys
 from datetime import timedelta
 from typing import Any
 
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
+from prefect.settings import PREFECT_API_URL
+
+from flows.inspect import inspect
+from flows.promote import promote
+from flows.retrain import retrain
+from flows.train import train
+from flows.watch import watch
 from pipeline.config import Params, load_settings
 from pipeline.operations import EVENT_DATA_SETTLED
 
 
 def new_data_trigger(product: str):
     """The retrain-<product> deployment runs when the watcher says the product's folder settled."""
-    from prefect.events import DeploymentEventTrigger
-
     return DeploymentEventTrigger(
         name=f"new data for {product}",
         expect={EVENT_DATA_SETTLED},
@@ -41,15 +50,6 @@ def new_data_trigger(product: str):
 
 def build_deployments(settings: Params, params_path: str | None = None, data_root: str = "data",
                       allow_random_weights: bool = False) -> list[Any]:
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig
-    from prefect.schedules import Cron
-
-    from flows.inspect import inspect
-    from flows.promote import promote
-    from flows.retrain import retrain
-    from flows.train import train
-    from flows.watch import watch
-
     ops = settings.operations
     common = {"params_path": params_path} if params_path else {}
     deployments = [
@@ -78,8 +78,6 @@ def build_deployments(settings: Params, params_path: str | None = None, data_roo
 def check_api_url() -> str:
     url = os.environ.get("PREFECT_API_URL") or ""
     if not url:
-        from prefect.settings import PREFECT_API_URL
-
         url = PREFECT_API_URL.value() or ""
     if not url:
         sys.exit("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and export "
@@ -95,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="let retrains promote random-weights models (demo only)")
     args = parser.parse_args(argv)
     url = check_api_url()
-    from prefect import serve
-
     deployments = build_deployments(load_settings(args.params), args.params, args.data_root, args.allow_random_weights)
     print(f"serving {len(deployments)} deployments against {url}")
     serve(*deployments, limit=4)

@@ -1,28 +1,27 @@
 """Score a folder with a registered model (default: the champion) from a Prefect deployment: the
-same as `patchcore inspect` (scores.csv, scores.json, heatmap overlays), plus a Prefect artifact."""
+same as `patchcore inspect` (scores.csv, scores.json, heatmap overlays; pipeline/inspection.py),
+plus a Prefect table artifact of the scores."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from pipeline.config import load_settings
+from pipeline.inspection import inspect_images
+from pipeline.registry import Registry
+
 
 @flow(name="inspect-images", flow_run_name="inspect-{product}", log_prints=True)
 def inspect(product: str, images: str, out: str, alias: str = "champion", no_maps: bool = False,
             params_path: str | None = None) -> dict[str, Any]:
-    from pipeline.cli import main
-
-    argv = ["inspect", "--product", product, "--images", images, "--out", out, "--alias", alias]
-    argv += (["--no-maps"] if no_maps else []) + (["--params", params_path] if params_path else [])
-    status = main(argv)
-    if status != 0:
-        raise RuntimeError(f"patchcore {' '.join(argv)} exited with status {status}")
-    result = json.loads((Path(out) / "scores.json").read_text())
-    create_table_artifact(result["images"], key=f"inspect-{product}".lower(),
-                          description=f"{result['model']} v{result['version']} scores")
-    return {k: result[k] for k in ("product", "model", "version", "threshold")} | {"n_images": len(result["images"]),
-                                                                                  "out": out}
+    registry = Registry(load_settings(params_path).mlflow)
+    result = inspect_images(registry, product, images, out, alias=alias, maps=not no_maps)
+    print(f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
+          f"(threshold {result.threshold:.6g}); {result.scores_csv}, {result.scores_json}")
+    create_table_artifact(list(result.rows), key=f"inspect-{product}".lower(),
+                          description=f"{result.model} v{result.version} scores")
+    return {"product": result.product, "model": result.model, "version": result.version, "threshold": result.threshold,
+            "n_images": len(result.rows), "out": out}

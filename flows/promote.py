@@ -3,8 +3,7 @@ move `champion` only when the gate passes (pipeline/promotion.py states the gate
 champion keeps alias `previous`; the decision goes to both versions' tags, an MLflow run and a
 Prefect artifact.
 
-    python -m flows.promote --product tiles [--allow-random-weights]
-    patchcore promote --product tiles       (the same flow)
+    patchcore promote --product tiles [--allow-random-weights]
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from pipeline.config import load_settings, params_to_dict
+from pipeline.config import load_settings
+from pipeline.store import Store
 from tasks import promotion as t
 
 
@@ -22,28 +22,19 @@ def promote(product: str, data: str | None = None, params_path: str | None = Non
             overrides: dict[str, Any] | None = None, allow_random_weights: bool = False) -> dict[str, Any]:
     """data: the product folder whose test/ split is the evaluation set (default: the folder the
     challenger was trained from). allow_random_weights: let a random-weights model become champion."""
-    params = params_to_dict(load_settings(params_path, overrides))
-    found = t.candidates(product, params)
+    settings = load_settings(params_path, overrides)
+    store = Store.from_settings(settings)
+    found = t.candidates(product, settings)
     challenger, champion = found["challenger"], found["champion"]
     if champion is not None and champion["version"] == challenger["version"]:
         return {"outcome": "unchanged", "promote": False, "summary": f"v{challenger['version']} is already champion",
                 "challenger_version": challenger["version"], "champion_version": champion["version"]}
-    eval_set = t.pin_evaluation_set(data or challenger["data_root"] or f"data/{product}")
-    challenger_scores = t.score(product, challenger["version"], eval_set, params)
-    champion_scores = t.score(product, champion["version"], eval_set, params) if champion else None
-    decision = t.decide(found, challenger_scores, champion_scores, params, allow_random_weights)
-    applied = t.apply(product, decision, eval_set, {"challenger": challenger_scores, "champion": champion_scores}, params)
+    eval_set = t.pin_evaluation_set(store, data or challenger["data_root"] or f"data/{product}")
+    challenger_scores = t.score(store, product, challenger["version"], eval_set, settings)
+    champion_scores = t.score(store, product, champion["version"], eval_set, settings) if champion else None
+    decision = t.decide(found, challenger_scores, champion_scores, settings, allow_random_weights)
+    scores = {"challenger": challenger_scores, "champion": champion_scores}
+    applied = t.apply(product, decision, eval_set, scores, settings)
     t.publish(product, applied, eval_set)
     return applied
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the promotion flow once (`patchcore promote` does the same).")
-    parser.add_argument("--product", required=True)
-    parser.add_argument("--data")
-    parser.add_argument("--params")
-    parser.add_argument("--allow-random-weights", action="store_true")
-    args = parser.parse_args()
-    promote(args.product, args.data, args.params, allow_random_weights=args.allow_random_weights)

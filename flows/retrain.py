@@ -21,8 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.promote import promote
 from flows.train import train
 from pipeline.config import load_settings, params_to_dict
-from pipeline.operations import training_slot
 from tasks import operations as t
+from tasks.concurrency import training_slot
 
 
 @flow(name="retrain-product-model", flow_run_name="retrain-{product}-{reason}", log_prints=True)

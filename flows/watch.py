@@ -1,6 +1,6 @@
 """The new-data watcher: one look at each product folder; when a folder has settled after changing,
 emit the Prefect event `patchcore.data.settled` that the retrain deployment's trigger listens for.
-Deployed on an interval (deploy/serve.py); the debounce is deploy/watcher.py's `observe`. Its state
+Deployed on an interval (deploy/serve.py); the debounce is pipeline/watching.py's `observe`. Its state
 lives in $PATCHCORE_HOME/watch/<product>.json.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 from prefect import flow
 from prefect.events import emit_event
 
-from deploy.watcher import Snapshot, WatchState, observe
 from patchcore.paths import home
 from pipeline.config import load_settings
 from pipeline.operations import EVENT_DATA_SETTLED
+from pipeline.watching import Snapshot, WatchState, observe
 
 
 def state_path(product: str) -> Path:

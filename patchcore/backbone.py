@@ -77,12 +77,17 @@ class WeightsIdentity:
         return self.kind == "random"
 
 
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk_bytes: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks (the one file-hashing helper)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 def default_layers(name: str) -> list[str]:
@@ -97,7 +102,7 @@ def default_layers(name: str) -> list[str]:
 
 def _construct(name: str) -> nn.Module:
     if name.startswith(TIMM_PREFIX):
-        import timm
+        import timm  # noqa: PLC0415  lazy: timm takes ~1 s to import; only timm/<name> backbones need it
 
         arch = name.removeprefix(TIMM_PREFIX)
         if arch not in timm.list_models():
@@ -119,7 +124,7 @@ def _imagenet_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str, str |
         "backbone.weights_sha256), or set PATCHCORE_WEIGHTS; use --weights random only for tests."
     )
     if name.startswith(TIMM_PREFIX):
-        import timm
+        import timm  # noqa: PLC0415  lazy: timm takes ~1 s to import; only timm/<name> backbones need it
 
         try:
             model = timm.create_model(name.removeprefix(TIMM_PREFIX), pretrained=True)
@@ -240,9 +245,9 @@ class FeatureExtractor(nn.Module):
                 f"include: {', '.join(tops)}"
             )
         if timm_model:
-            from timm.models import create_feature_extractor
+            from timm.models import create_feature_extractor  # noqa: PLC0415  lazy: as above
         else:
-            from torchvision.models.feature_extraction import create_feature_extractor
+            from torchvision.models.feature_extraction import create_feature_extractor  # noqa: PLC0415  (same name)
         # FX graph pruning drops every module after the last requested layer.
         body = create_feature_extractor(model, return_nodes=list(layers))
         if not model.training and isinstance(body, torch.fx.GraphModule):

@@ -1,4 +1,7 @@
-"""The `patchcore` command line: fit, predict, evaluate, demo-data.
+"""The library's command line: fit, predict, evaluate, demo-data (`python -m patchcore.cli`).
+
+The `patchcore` console script (apps/cli.py) adds the pipeline's commands: it composes its parser
+from new_parser and the add_* functions here, and runs it with `run`.
 
 Settings come from params.yaml (`model` section; `--params` or PATCHCORE_PARAMS picks the file),
 then PATCHCORE_WEIGHTS, then the flags: the last one wins. Bad input exits with status 2 and one
@@ -15,13 +18,17 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from patchcore.backbone import BackboneError, WeightsError
-from patchcore.config import ConfigError, PatchCoreConfig, load_config, set_dotted
+from patchcore.config import ConfigError, PatchCoreConfig, load_config, parse_overrides, set_dotted
 from patchcore.data import DataError
-from patchcore.model import ModelFileError
+from patchcore.evaluation import evaluate
+from patchcore.model import ModelFileError, PatchCore
+from patchcore.synthetic import generate_product
 
 USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError)
+DESCRIPTION = "PatchCore anomaly detection (Roth et al., CVPR 2022)."
 
 
 def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
@@ -37,23 +44,12 @@ def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
     for key, value in flags.items():
         if value is not None:
             set_dotted(data, key, value)
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        set_dotted(data, key.strip(), _yaml_value(value))
+    for key, value in parse_overrides(args.set).items():
+        set_dotted(data, key, value)
     return PatchCoreConfig.from_dict(data)
 
 
-def _yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
-    from patchcore.model import PatchCore
-
     config = _config_from_args(args)
     model = PatchCore(config).fit(args.images, progress=not args.quiet)
     out = model.save(args.out)
@@ -63,8 +59,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from patchcore.model import PatchCore
-    from patchcore.viz import write_overlays
+    from patchcore.viz import write_overlays  # noqa: PLC0415  # lazy: matplotlib, only for --maps
 
     model = PatchCore.load(args.model, device=args.device)
     predictions = model.predict(args.images, maps=bool(args.maps), progress=not args.quiet)
@@ -80,9 +75,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from patchcore.evaluation import evaluate
-    from patchcore.model import PatchCore
-
+    """`evaluate --model DIR --data DIR [--out FILE]`: also the handler of the application's
+    `evaluate --model` (apps/commands.py), whose arguments carry the same names."""
     model = PatchCore.load(args.model, device=args.device)
     result = evaluate(model, args.data, progress=not args.quiet)
     text = json.dumps(result.summary(), indent=2)
@@ -93,8 +87,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from patchcore.synthetic import generate_product
-
     folder = generate_product(args.out, args.product, seed=args.seed, size_px=args.size)
     print(f"synthetic product: {folder}")
     return 0
@@ -114,41 +106,72 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. scoring.k=3 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchcore", description="PatchCore anomaly detection (Roth et al., CVPR 2022).")
+# -- the parser, in parts: this module's build_parser and the application's (apps/cli.py) both
+# compose it from these ------------------------------------------------------------------------------
+def new_parser(description: str = DESCRIPTION) -> tuple[argparse.ArgumentParser, Any]:
+    """The top-level `patchcore` parser (with -v) and its sub-command collection (the object
+    `add_subparsers` returns), for the add_* functions below to add commands to."""
+    parser = argparse.ArgumentParser(prog="patchcore", description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --quiet, the last flags of fit, predict and evaluate."""
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_fit(sub) -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="build a model from nominal images")
     fit.add_argument("--images", required=True, help="folder (MVTec layout: uses train/good), image folder, or text file of paths")
     fit.add_argument("--out", required=True, help="model directory to write")
     _add_model_flags(fit)
-
+    add_runtime_flags(fit)
     fit.set_defaults(func=cmd_fit)
+    return fit
 
+
+def add_predict(sub) -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="score images with a saved model")
     predict.add_argument("--model", required=True, help="model directory written by `patchcore fit`")
     predict.add_argument("--images", required=True, help="image folder or text file of paths")
     predict.add_argument("--out", required=True, help="JSON file: list of {path, score[, is_anomalous]}")
     predict.add_argument("--maps", help="folder for heatmap overlay PNGs")
+    add_runtime_flags(predict)
     predict.set_defaults(func=cmd_predict)
+    return predict
 
+
+def add_evaluate(sub) -> argparse.ArgumentParser:
+    """The library's `evaluate` (a saved model folder). The application adds its own `evaluate`
+    instead, which takes this form too and hands it to cmd_evaluate."""
     ev = sub.add_parser("evaluate", help="metrics of a saved model on an MVTec-layout test split")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data", required=True, help="MVTec-layout folder (test/good, test/<defect>, ground_truth/)")
     ev.add_argument("--out", help="also write the metrics JSON here")
+    add_runtime_flags(ev)
     ev.set_defaults(func=cmd_evaluate)
+    return ev
 
-    for p in (fit, predict, ev):
-        p.add_argument("--device", help="auto | cpu | cuda[:N]")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+def add_demo_data(sub) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the synthetic demo product in MVTec layout")
     demo.add_argument("--out", default="data", help="parent folder (default: data)")
     demo.add_argument("--product", default="tiles")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--size", type=int, default=256, help="image side in pixels (default 256: not below the 224 crop)")
     demo.set_defaults(func=cmd_demo_data)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The library's own command line (`python -m patchcore.cli`): fit, predict, evaluate, demo-data."""
+    parser, sub = new_parser()
+    add_fit(sub)
+    add_predict(sub)
+    add_evaluate(sub)
+    add_demo_data(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ class PatchCoreConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> PatchCoreConfig:
-        return _build(cls, data or {}, "")
+        return build_settings(cls, data or {}, "")
 
     def replace(self, **overrides: Any) -> PatchCoreConfig:
         """A copy with dotted-key overrides, e.g. replace(**{"coreset.fraction": 0.01})."""
@@ -144,11 +145,19 @@ class PatchCoreConfig:
 
     def flat(self) -> dict[str, Any]:
         """Flattened `section.key` view (for experiment trackers and logs)."""
-        out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        return out
+        return flatten(self.to_dict())
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level of dotted keys: {"coreset": {"fraction": 0.1}} -> {"coreset.fraction": 0.1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
 
 
 def _check(ok: bool, message: str) -> None:
@@ -163,7 +172,9 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[section][key] = value
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_settings(cls: type, data: dict[str, Any], where: str) -> Any:
+    """A settings dataclass `cls` (sections nested) from plain data, values coerced to the field
+    types; unknown keys are a ConfigError naming them (`where` prefixes the names)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -176,7 +187,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+            kwargs[name] = build_settings(hint, value or {}, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, where + name)
     return cls(**kwargs)
@@ -239,18 +250,46 @@ def load_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
 # Environment variables that point an installation at its backbone without editing params.yaml
 # (an air-gapped factory ships one weights file): they override the file, flags override them.
-ENV_OVERRIDES = {"PATCHCORE_WEIGHTS": "backbone.weights", "PATCHCORE_BACKBONE": "backbone.name"}
+WEIGHTS_ENV = "PATCHCORE_WEIGHTS"
+BACKBONE_ENV = "PATCHCORE_BACKBONE"
+ENV_OVERRIDES = {WEIGHTS_ENV: "backbone.weights", BACKBONE_ENV: "backbone.name"}
+
+
+def env_weights() -> str | None:
+    """The backbone weights PATCHCORE_WEIGHTS names (imagenet | random | a file path), or None when
+    it is unset or empty. The one reader of that variable: loading a config, the pipeline's
+    settings on the command line and loading a saved model all ask here."""
+    return os.environ.get(WEIGHTS_ENV) or None
 
 
 def env_overrides(data: dict[str, Any]) -> dict[str, Any]:
     """Apply ENV_OVERRIDES to a config mapping in place; a new backbone gets its default layers."""
-    for env, key in ENV_OVERRIDES.items():
-        value = os.environ.get(env)
-        if value:
-            set_dotted(data, key, value)
-            if key == "backbone.name":
-                set_dotted(data, "backbone.layers", None)
+    weights = env_weights()
+    if weights:
+        set_dotted(data, ENV_OVERRIDES[WEIGHTS_ENV], weights)
+    backbone = os.environ.get(BACKBONE_ENV)
+    if backbone:
+        set_dotted(data, ENV_OVERRIDES[BACKBONE_ENV], backbone)
+        set_dotted(data, "backbone.layers", None)
     return data
+
+
+def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the command line's repeatable `--set`) as {KEY: value}, each value read
+    as YAML (`3` an int, `0.5` a float, `true` a bool, `[a, b]` a list, `null` None, else a string);
+    a later item wins over an earlier one with the same key. An item without `=`, or a value that is
+    not YAML, is a ConfigError naming the item. The keys are not checked here: the config they are
+    applied to names an unknown one."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    return out
 
 
 def load_config(path: str | os.PathLike | None = None, use_env: bool = True) -> PatchCoreConfig:

@@ -1,5 +1,16 @@
-"""Evaluate a fitted model on labelled images (an MVTec-layout test split or explicit samples):
-image AUROC, pixel AUROC, PRO, the F1-optimal threshold and per-defect-type figures.
+"""Evaluate a fitted model on labelled images: image AUROC, pixel AUROC, PRO, the F1-optimal
+threshold and per-defect-type figures.
+
+`labelled_metrics` is the one place these figures are computed: `evaluate` (the library and
+`patchcore evaluate --model`), the training pipeline's evaluate step and the promotion gate all
+call it, so every one of them reports the same numbers under the same names:
+
+    n_good, n_defect, image_auroc, f1_max, f1_max_threshold, f1_max_confusion,
+    pixel_auroc, pro              (the last two only when some defect has a ground-truth mask)
+    per_defect_type[<defect>] = {n_images, image_auroc, pro}
+
+Pixel metrics cover the images whose ground truth is known: every good image (all pixels
+normal) and every defect that has a mask; a defect without a mask counts for the image metrics only.
 
 Must never import prefect, mlflow, dvc or great_expectations.
 """
@@ -17,6 +28,8 @@ from patchcore import metrics
 from patchcore.data import GOOD, Sample, load_mask, resolve_samples
 from patchcore.model import PatchCore, Predictions
 
+METRIC_NAMES = ("image_auroc", "pixel_auroc", "pro", "f1_max")
+
 
 @dataclass
 class Evaluation:
@@ -30,38 +43,72 @@ class Evaluation:
         return {"metrics": self.metrics, "per_defect_type": self.per_defect_type}
 
 
-def evaluate(model: PatchCore, test: str | Path | Sequence[Sample], progress: bool = True,
-             pixel_metrics: bool = True) -> Evaluation:
+def labelled_metrics(
+    samples: Sequence[Sample],
+    scores: np.ndarray,
+    maps: np.ndarray | None,
+    resize: int,
+    crop: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], np.ndarray | None]:
+    """Threshold-free figures of labelled samples (good and defective both present) from their
+    image scores and, when given, anomaly maps: (metrics, per_defect_type, masks or None)."""
+    labels = np.array([s.label for s in samples])
+    scores = np.asarray(scores, dtype=np.float64)
+    if not ((labels == 0).any() and (labels == 1).any()):
+        raise ValueError("labelled metrics need both good and defective images")
+    out: dict[str, Any] = {
+        "n_good": int((labels == 0).sum()),
+        "n_defect": int((labels == 1).sum()),
+        "image_auroc": metrics.image_auroc(labels, scores),
+    }
+    threshold, f1 = metrics.f1_optimal_threshold(labels, scores)
+    out["f1_max_threshold"], out["f1_max"] = threshold, f1
+    out["f1_max_confusion"] = metrics.confusion_at(labels, scores, threshold)
+    known = np.array([s.label == 0 or s.mask_path is not None for s in samples])
+    masks = None
+    if maps is not None and any(s.label == 1 and s.mask_path is not None for s in samples):
+        masks = np.stack([load_mask(s.mask_path, resize, crop) for s in samples])
+        out["pixel_auroc"] = metrics.pixel_auroc(masks[known], maps[known])
+        out["pro"] = metrics.pro_auc(masks[known], maps[known])
+    good = labels == 0
+    per_type: dict[str, dict[str, Any]] = {}
+    for defect in sorted({s.defect_type for s in samples if s.label == 1}):
+        sel = np.array([s.defect_type == defect for s in samples])
+        row: dict[str, Any] = {
+            "n_images": int(sel.sum()),
+            "image_auroc": metrics.image_auroc(labels[sel | good], scores[sel | good]),
+        }
+        if masks is not None and masks[sel & known].any():
+            with_mask = (sel & known) | good
+            row["pro"] = metrics.pro_auc(masks[with_mask], maps[with_mask])
+        per_type[defect] = row
+    return out, per_type, masks
+
+
+def evaluate(
+    model: PatchCore, test: str | Path | Sequence[Sample], progress: bool = True, pixel_metrics: bool = True
+) -> Evaluation:
     """Score labelled samples and compute the metrics that their labels and masks allow."""
     samples = resolve_samples(test, split="test") if isinstance(test, (str, Path)) else list(test)
     if any(s.label is None for s in samples):
         raise ValueError("evaluation needs labelled samples (an MVTec-layout folder with test/good and test/<defect>)")
     labels = np.array([s.label for s in samples])
-    has_masks = pixel_metrics and any(s.mask_path is not None for s in samples)
-    predictions = model.predict([s.path for s in samples], maps=has_masks, progress=progress)
-    scores = predictions.scores
-    result: dict[str, Any] = {"n_images": len(samples), "n_good": int((labels == 0).sum()),
-                              "n_defect": int((labels == 1).sum())}
+    want_maps = pixel_metrics and any(s.mask_path is not None for s in samples)
+    predictions = model.predict([s.path for s in samples], maps=want_maps, progress=progress)
+    result: dict[str, Any] = {
+        "n_images": len(samples),
+        "n_good": int((labels == 0).sum()),
+        "n_defect": int((labels == 1).sum()),
+    }
     per_type: dict[str, dict[str, Any]] = {}
     masks = None
     if result["n_good"] and result["n_defect"]:
-        result["image_auroc"] = metrics.image_auroc(labels, scores)
-        threshold, f1 = metrics.f1_optimal_threshold(labels, scores)
-        result["f1_threshold"], result["f1"] = threshold, f1
-        result["f1_confusion"] = metrics.confusion_at(labels, scores, threshold)
-        if has_masks:
-            cfg = model.config.image
-            masks = np.stack([load_mask(s.mask_path, cfg.resize, cfg.crop) for s in samples])
-            result["pixel_auroc"] = metrics.pixel_auroc(masks, predictions.anomaly_maps)
-            result["pro"] = metrics.pro_auc(masks, predictions.anomaly_maps)
-        good = labels == 0
-        for defect in sorted({s.defect_type for s in samples if s.label == 1}):
-            sel = np.array([s.defect_type == defect for s in samples])
-            per_type[defect] = {"n_images": int(sel.sum()),
-                                "image_auroc": metrics.image_auroc(labels[sel | good], scores[sel | good])}
-            if masks is not None and any(samples[i].mask_path for i in np.flatnonzero(sel)):
-                per_type[defect]["pro"] = metrics.pro_auc(masks[sel | good], predictions.anomaly_maps[sel | good])
+        cfg = model.config.image
+        figures, per_type, masks = labelled_metrics(
+            samples, predictions.scores, predictions.anomaly_maps if want_maps else None, cfg.resize, cfg.crop
+        )
+        result.update(figures)
     return Evaluation(result, per_type, samples, predictions, masks)
 
 
-__all__ = ["evaluate", "Evaluation", "GOOD"]
+__all__ = ["GOOD", "METRIC_NAMES", "Evaluation", "evaluate", "labelled_metrics"]

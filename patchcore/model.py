@@ -11,14 +11,14 @@ Must never import prefect, mlflow, dvc or great_expectations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,19 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from patchcore.backbone import TIMM_PREFIX, FeatureExtractor, WeightsError, WeightsIdentity, build_backbone, default_layers, sha256_file
-from patchcore.config import BackboneConfig, PatchCoreConfig
+from patchcore import coreset as coreset_lib
+from patchcore.atomic import atomic_directory
+from patchcore.backbone import (
+    TIMM_PREFIX,
+    FeatureExtractor,
+    WeightsError,
+    WeightsIdentity,
+    build_backbone,
+    default_layers,
+    sha256_file,
+)
+from patchcore.config import BackboneConfig, PatchCoreConfig, env_weights
+from patchcore.coreset import GreedySelection
 from patchcore.data import Sample, check_readable, image_transform, make_loader, resolve_samples
 from patchcore.features import patch_features
 from patchcore.knn import FaissIndex, make_index
@@ -151,8 +162,7 @@ class PatchCore:
                 feats = self._batch_features(batch)
                 self.grid_ = tuple(feats.shape[1:3])
                 flat = feats.reshape(feats.shape[0], -1, feats.shape[-1]).cpu().numpy()
-                for pos, f in zip(positions.tolist(), flat):
-                    yield pos, f
+                yield from zip(positions.tolist(), flat)
                 bar.update(len(positions))
 
     # -- fit -----------------------------------------------------------------------------
@@ -178,8 +188,6 @@ class PatchCore:
         `warm_start` (a `coreset.GreedySelection` over these rows: an earlier fit's
         `coreset_state_` re-mapped, NaN distances for rows added since) continues that greedy
         selection instead of starting afresh: the incremental refit after new images land."""
-        from patchcore import coreset as coreset_lib
-
         self._setup()
         cfg = self.config
         if warm_start is not None and (cfg.coreset.method != "approx_greedy" or cfg.coreset.fraction >= 1.0):
@@ -218,8 +226,6 @@ class PatchCore:
         return self
 
     def _select(self, rows: int, projected: torch.Tensor | None, progress: bool, warm_start=None) -> np.ndarray | None:
-        from patchcore import coreset as coreset_lib
-
         c, seed = self.config.coreset, self.config.runtime.seed
         self.coreset_state_ = None
         if c.method == "identity" or c.fraction >= 1.0:
@@ -320,9 +326,7 @@ class PatchCore:
         """Write the model atomically: a half-written directory never replaces a good one."""
         self._check_fitted()
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             np.save(tmp / BANK_FILE, self.memory_bank_, allow_pickle=False)
             FaissIndex.from_bank(self.memory_bank_.astype(np.float32)).save(tmp / INDEX_FILE)
             files = [BANK_FILE, INDEX_FILE]
@@ -345,16 +349,6 @@ class PatchCore:
                 "files": {name: sha256_file(tmp / name) for name in files},
             }
             (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -377,7 +371,7 @@ class PatchCore:
                                       "std": tuple(meta["backbone"]["weights"]["std"])})
         backbone = config.backbone
         if recorded.kind == "file":
-            backbone.weights = weights or os.environ.get("PATCHCORE_WEIGHTS") or recorded.source
+            backbone.weights = weights or env_weights() or recorded.source
             backbone.weights_sha256 = recorded.sha256
         if device is not None:
             config.runtime.device = device
@@ -456,8 +450,6 @@ def _read_rows(path: Path, n_rows: int, dim: int, rows: np.ndarray | None) -> np
 def read_coreset_state(directory: str | Path):
     """The greedy coreset state a fit saved in `directory` (checksums verified), or None when the
     model has none (random/identity coreset, or a directory re-saved after load)."""
-    from patchcore.coreset import GreedySelection
-
     directory = Path(directory)
     files = read_model_json(directory)["files"]
     if CORESET_INDICES_FILE not in files or CORESET_DISTANCES_FILE not in files:
@@ -505,8 +497,6 @@ def _check_same_weights(recorded: WeightsIdentity, actual: WeightsIdentity) -> N
 
 def dataset_sha256(paths: Sequence[str | Path]) -> str:
     """Content hash of an image set: independent of file order and names (sorted file hashes)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for h in sorted(sha256_file(p) for p in paths):
         digest.update(h.encode())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchcore.config import ConfigError, PatchCoreConfig, _build, load_params
+from patchcore.config import ConfigError, PatchCoreConfig, build_settings, flatten, load_params
 
 
 @dataclass
@@ -86,6 +86,9 @@ class PipelineConfig:
     # so the coreset costs time in proportion to the new images. false: every bank from scratch.
     # `dvc repro` always builds from scratch (reproducible from the data alone).
     incremental_coreset: bool = True
+    # Where the content-addressed outputs live (pipeline/store.py): null = $PATCHCORE_HOME, or a
+    # folder, or an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/patchcore.
+    store: str | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -180,7 +183,7 @@ class Params:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Params:
-        return _build(cls, data or {}, "")
+        return build_settings(cls, data or {}, "")
 
 
 def load(path: str | Path | None = None) -> Params:
@@ -198,17 +201,7 @@ def params_to_dict(params: Params) -> dict[str, Any]:
 
 def flat_params(params: Params) -> dict[str, Any]:
     """`section.key[.key]` view of every setting, e.g. {"model.coreset.fraction": 0.1, ...}."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            out[prefix] = value
-
-    walk("", params_to_dict(params))
-    return out
+    return flatten(params_to_dict(params))
 
 
 def with_overrides(params: Params, overrides: dict[str, Any] | None) -> Params:

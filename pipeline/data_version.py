@@ -18,22 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from patchcore.backbone import file_digest
+from pipeline.io import git_state
+
 TAG_PREFIX = "data."
 
 
-def file_md5(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_md5(path: str | Path) -> str:
+    return file_digest(path, "md5")
 
 
 def _listing_md5(entries: list[dict[str, str]]) -> str:
@@ -66,22 +64,6 @@ def repo_root(start: str | Path) -> Path | None:
         if (folder / ".git").exists():
             return folder
     return None
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_commit(root: str | Path) -> tuple[str | None, bool | None]:
-    """(HEAD commit, whether tracked files have uncommitted changes) of the repo at `root`."""
-    root = Path(root)
-    commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, (None if status is None else bool(status))
 
 
 def tracking_dvc_file(folder: str | Path, root: str | Path | None = None) -> Path | None:
@@ -176,7 +158,7 @@ def data_version(product_dir: str | Path, product: str | None = None) -> DataVer
     listing = dir_listing(folder)
     md5 = _listing_md5(listing)
     root = repo_root(folder)
-    commit, dirty = git_commit(root) if root else (None, None)
+    commit, dirty = git_state(root) if root else (None, None)
     dvc_file = tracking_dvc_file(folder, root)
     dvc_md5 = in_dvc = None
     if dvc_file is not None:
@@ -250,5 +232,5 @@ def reproduce_instructions(record: DataVersion | dict[str, Any], model: str | No
     return "\n".join(lines)
 
 
-__all__ = ["DataVersion", "changed_since", "data_version", "dir_md5", "file_md5", "git_commit",
+__all__ = ["DataVersion", "changed_since", "data_version", "dir_md5", "file_md5",
            "reproduce_instructions", "tracking_dvc_file"]

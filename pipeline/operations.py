@@ -1,6 +1,7 @@
-"""Steps of the day-to-day retrain: is there new data for a product, version it with DVC, and
-hold the product's training slot. Plain functions (the Prefect tasks in tasks/operations.py wrap
-them); imports Prefect only inside `training_slot`.
+"""Steps of the day-to-day retrain: is there new data for a product, and version it with DVC.
+Plain functions (the Prefect tasks in tasks/operations.py wrap them); no Prefect here. The
+product's training slot (a Prefect concurrency limit named by training_limit_name) is
+tasks/concurrency.py.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import logging
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.config import MlflowConfig
 from pipeline.data_version import data_version, dir_md5, repo_root, tracking_dvc_file
+from pipeline.io import git
+from pipeline.registry import Registry, RegistryError
 
 logger = logging.getLogger(__name__)
 EVENT_DATA_SETTLED = "patchcore.data.settled"
@@ -24,8 +26,6 @@ def new_data(product: str, product_dir: str | Path, mlflow_cfg: MlflowConfig) ->
     """Whether the product's images differ from those the champion (and the current challenger)
     were trained on. A challenger already trained on exactly these images counts as "no new data"
     too, so a refused challenger is not retrained every night on the same set."""
-    from pipeline.registry import Registry, RegistryError
-
     md5 = dir_md5(product_dir)
     registry = Registry(mlflow_cfg)
     recorded: dict[str, str | None] = {}
@@ -78,8 +78,7 @@ def version_data(product_dir: str | Path, product: str, git_commit: bool = True)
                                     cwd=root, capture_output=True, text=True, timeout=60)
             if commit.returncode != 0:
                 raise RuntimeError(f"git commit {' '.join(paths)}: {commit.stderr.strip() or commit.stdout.strip()}")
-            out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                               text=True, timeout=60).stdout.strip()
+            out["git_commit"] = git(root, "rev-parse", "HEAD", timeout=60)
     out["version"] = data_version(folder, product).to_dict()
     return out
 
@@ -90,41 +89,8 @@ def _venv_dvc() -> str | None:
 
 
 def training_limit_name(product: str) -> str:
+    """The name of the product's Prefect global concurrency limit (tasks/concurrency.py holds it)."""
     return f"train-{product}"
 
 
-def ensure_training_limit(product: str, limit: int) -> str:
-    """Create (or resize) the Prefect global concurrency limit `train-<product>`."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
-
-    name = training_limit_name(product)
-    with get_client(sync_client=True) as client:
-        try:
-            existing = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            existing = None
-        if existing is None:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-            except Exception:  # created by a concurrent caller meanwhile
-                client.read_global_concurrency_limit_by_name(name)
-        elif existing.limit != limit or not existing.active:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
-    return name
-
-
-@contextmanager
-def training_slot(product: str, limit: int = 1) -> Iterator[None]:
-    """Hold one of the product's `limit` training slots; other trainings of the product wait (queue)."""
-    from prefect.concurrency.sync import concurrency
-
-    name = ensure_training_limit(product, limit)
-    logger.info("waiting for training slot %s", name)
-    with concurrency(name, occupy=1, strict=True, lease_duration=300):
-        yield
-
-
-__all__ = ["EVENT_DATA_SETTLED", "ensure_training_limit", "new_data", "training_limit_name",
-           "training_slot", "version_data"]
+__all__ = ["EVENT_DATA_SETTLED", "new_data", "training_limit_name", "version_data"]

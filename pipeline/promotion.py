@@ -18,14 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 
-from patchcore import metrics
-from patchcore.paths import home
-
-from pipeline import steps
+from patchcore import PatchCore, metrics
 from pipeline.config import PromotionConfig
+from pipeline.data_version import dir_md5
+from pipeline.io import content_key, read_json
 from pipeline.registry import CHALLENGER, CHAMPION, PREVIOUS, NoSuchAlias, Registry, RegistryError, now_iso
+from pipeline.steps.evaluate import score_records
+from pipeline.steps.fingerprint import manifest_entries, product_folder
+from pipeline.steps.split import TEST
+from pipeline.store import Store
 
 
 def candidates(registry: Registry, product: str) -> dict[str, Any]:
@@ -47,60 +51,44 @@ def describe(version) -> dict[str, Any]:
             "data_root": tags.get("data_root") or None}
 
 
-def pin_evaluation_set(data_root: str | Path) -> dict[str, Any]:
+def pin_evaluation_set(store: Store, data_root: str | Path) -> dict[str, Any]:
     """The labelled test split of a product folder, pinned by content: every image's sha256 is in
     eval_sets/<eval_set_sha256>.json and the hash goes into the decision. A product without test/
     images (cold start) gives an empty set: the metric comparison is then impossible and the
     decision says so."""
-    info = steps.fingerprint_dataset(data_root)
-    manifest = steps.load_manifest(info["manifest"])
-    test = [e for e in manifest["images"] if e["split"] == "test"]  # may be empty: a cold-start product
-    key = steps.content_key([(e["path"], e["sha256"], e["label"], e["mask_sha256"]) for e in test], length=64)
-    pinned = {"root": manifest["root"], "eval_set_sha256": key, "data_version": manifest["data_version"], "images": test}
-    path = steps.write_json(home() / "eval_sets" / f"{key}.json", pinned)
+    root = product_folder(data_root)
+    test = [e for e in manifest_entries(root) if e["split"] == "test"]  # may be empty: a cold-start product
+    key = content_key([(e["path"], e["sha256"], e["label"], e["mask_sha256"]) for e in test], length=64)
+    pinned = {"root": str(root), "eval_set_sha256": key, "data_version": dir_md5(root), "images": test}
+    path = store.write_json("eval_sets", f"{key}.json", data=pinned)
     return {"eval_set": str(path), "eval_set_sha256": key, "n_good": sum(e["label"] == 0 for e in test),
             "n_defect": sum(e["label"] == 1 for e in test)}
 
 
-def score_version(registry: Registry, product: str, version: str, eval_set: dict[str, Any]) -> dict[str, Any]:
-    """Metrics of one registered version on the pinned evaluation set (cached per version + set)."""
-    from patchcore import PatchCore
-
-    cached = (home() / "eval_sets" / "scores" /
-              f"{registry.model_name(product)}-{registry.version_key(product, version)}-{eval_set['eval_set_sha256'][:16]}.json")
-    if cached.is_file():
-        return steps.read_json(cached)
+def score_version(registry: Registry, store: Store, product: str, version: str,
+                  eval_set: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of one registered version on the pinned evaluation set (cached per version + set:
+    registered versions are immutable). The figures are the library's (one evaluation function)."""
+    name = f"{registry.model_name(product)}-{registry.version_key(product, version)}-{eval_set['eval_set_sha256'][:16]}"
+    if store.has("eval_sets", "scores", f"{name}.json"):
+        return store.read_json("eval_sets", "scores", f"{name}.json")
     start = time.perf_counter()
-    pinned = steps.read_json(eval_set["eval_set"])
+    pinned = read_json(eval_set["eval_set"])
     model = PatchCore.load(registry.download(product, version))
+    out: dict[str, Any] = {"version": str(version), "threshold": model.threshold_}
     if not pinned["images"]:
-        return {"version": str(version), "threshold": model.threshold_, "at_threshold": {}, "eval_fpr": None,
-                "per_defect_type": {}, "seconds": time.perf_counter() - start}
-    split = {"mode": "labelled" if eval_set["n_good"] and eval_set["n_defect"] else "nominal-only",
-             "holdout": [], "calibration": [], "report": []}
-    records = _score(model, pinned, split)
-    labels = np.array([r["label"] for r in records["records"]])
-    scores = np.array([r["score"] for r in records["records"]])
-    out: dict[str, Any] = {"version": str(version), "threshold": model.threshold_, **records["metrics"]}
+        return out | {"at_threshold": {}, "eval_fpr": None, "per_defect_type": {}, "seconds": time.perf_counter() - start}
+    records = [{"path": e["path"], "split": TEST, "label": e["label"], "defect_type": e["defect_type"],
+                "mask": e["mask"]} for e in sorted(pinned["images"], key=lambda e: e["path"])]
+    figures, per_type, _ = score_records(model, pinned["root"], records)
+    labels = np.array([r["label"] for r in records])
+    scores = np.array([r["score"] for r in records])
+    out |= figures | {"per_defect_type": per_type}
     out["at_threshold"] = metrics.confusion_at(labels, scores, model.threshold_) if model.threshold_ is not None else {}
     out["eval_fpr"] = out["at_threshold"].get("fpr") if (labels == 0).any() else None
     out["seconds"] = time.perf_counter() - start
-    steps.write_json(cached, out)
+    store.write_json("eval_sets", "scores", f"{name}.json", data=out)
     return out
-
-
-def _score(model, pinned: dict[str, Any], split: dict[str, Any]) -> dict[str, Any]:
-    manifest = {"root": pinned["root"], "images": pinned["images"]}
-    records = [{"path": e["path"], "split": steps.TEST, "label": e["label"], "defect_type": e["defect_type"],
-                "role": None, "mask": e["mask"]} for e in sorted(pinned["images"], key=lambda e: e["path"])]
-    predictions = model.predict([steps._abs(manifest, r["path"]) for r in records], maps=True, progress=False)
-    for record, score in zip(records, predictions.scores):
-        record["score"] = float(score)
-    out_metrics: dict[str, Any] = {}
-    per_type: dict[str, Any] = {}
-    if split["mode"] == "labelled":
-        out_metrics = steps.labelled_metrics(model, manifest, records, predictions.anomaly_maps, per_type)
-    return {"records": records, "metrics": {**out_metrics, "per_defect_type": per_type}}
 
 
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, challenger_scores: dict[str, Any],
@@ -149,8 +137,6 @@ def apply_decision(registry: Registry, product: str, decision: dict[str, Any], e
                    scores: dict[str, Any]) -> dict[str, Any]:
     """Move the aliases when promoted (old champion -> `previous`), tag both versions and log the
     decision as an MLflow run in the product's experiment."""
-    import mlflow
-
     challenger, champion = decision["challenger_version"], decision["champion_version"]
     outcome = "promoted" if decision["promote"] else "rejected"
     stamp = now_iso()
@@ -187,8 +173,6 @@ def apply_decision(registry: Registry, product: str, decision: dict[str, Any], e
 
 def rollback(registry: Registry, product: str) -> dict[str, Any]:
     """Move `champion` back to `previous`; the one before that (if any) becomes `previous`."""
-    import mlflow
-
     aliases = registry.aliases(product)
     if CHAMPION not in aliases:
         raise NoSuchAlias(f"no champion yet for {product!r}: nothing to roll back")

@@ -34,6 +34,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 ARTIFACT_KEY = "patchcore_model"
 
@@ -42,10 +43,13 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
     """Scores images with the PatchCore directory given as the `patchcore_model` artifact."""
 
     def load_context(self, context) -> None:
-        from patchcore import PatchCore
+        # Imported here, not at the top: MLflow puts the bundled `patchcore` package (code_paths) on
+        # sys.path only when it loads this model.
+        from patchcore import PatchCore  # noqa: PLC0415
+        from patchcore.config import env_weights  # noqa: PLC0415
 
         self.model = PatchCore.load(context.artifacts[ARTIFACT_KEY],
-                                    weights=os.environ.get("PATCHCORE_WEIGHTS") or None)
+                                    weights=env_weights())
         if self.model.threshold_ is None:
             raise ValueError(f"{context.artifacts[ARTIFACT_KEY]}: the saved model has no threshold; "
                              "register only calibrated models")
@@ -66,8 +70,6 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
 
 def _decode(model_input: Any) -> list:
     """Rows of `image` bytes / `path` strings -> decoded RGB images and paths for PatchCore.predict."""
-    from PIL import Image
-
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if not isinstance(model_input, pd.DataFrame):
@@ -94,8 +96,6 @@ def _decode(model_input: Any) -> list:
 
 def to_model_input(images) -> pd.DataFrame:
     """uint8 arrays, encoded bytes or paths -> the DataFrame the model takes (arrays become PNG)."""
-    from PIL import Image
-
     rows = []
     for item in images:
         if isinstance(item, np.ndarray):

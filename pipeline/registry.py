@@ -10,6 +10,7 @@ store under PATCHCORE_HOME (`sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db`, artifa
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,9 +23,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from patchcore.paths import home
+import mlflow
+import pandas as pd
+import requests
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
 
+from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
+from pipeline.data_version import DataVersion
+from pipeline.results import TrainingRecord
+from pipeline.steps.summary import summary_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +100,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         if db.exists() and not os.access(db, os.R_OK | os.W_OK):
             raise TrackingStoreUnreachable(f"tracking store {uri}: {db} is not readable and writable")
     elif parsed.scheme in ("http", "https"):
-        import requests
-
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
         except requests.RequestException as exc:
@@ -112,9 +123,6 @@ class Registry:
     """The tracking store and model registry of every product, behind one connection."""
 
     def __init__(self, cfg: MlflowConfig | None = None):
-        import mlflow
-        from mlflow import MlflowClient
-
         cfg = cfg or MlflowConfig()
         self.uri = resolve_tracking_uri(cfg)
         self.prefix = cfg.name_prefix
@@ -132,8 +140,6 @@ class Registry:
         return sorted(m.name.removeprefix(self.prefix) for m in models)
 
     def require_product(self, product: str):
-        from mlflow.exceptions import MlflowException
-
         try:
             return self.client.get_registered_model(self.model_name(product))
         except MlflowException:
@@ -155,8 +161,6 @@ class Registry:
     # versions and aliases
     def version(self, product: str, alias: str | None = None, version: str | int | None = None):
         """The ModelVersion behind an alias (or a version number); NoSuchAlias if it is not set."""
-        from mlflow.exceptions import MlflowException
-
         self.require_product(product)
         name = self.model_name(product)
         if version is not None:
@@ -202,9 +206,6 @@ class Registry:
 
     def download(self, product: str, version: str) -> Path:
         """The PatchCore directory of a registered version (cached: versions are immutable)."""
-        import mlflow
-        import yaml
-
         name = self.model_name(product)
         target = home() / "registry-cache" / name / self.version_key(product, version)
         if not (target / "MLmodel").is_file():
@@ -223,15 +224,11 @@ class Registry:
         return target / relative
 
     # training runs
-    def log_training(self, product: str, params: Params, record: dict[str, Any]) -> dict[str, Any]:
+    def log_training(self, product: str, params: Params, training: TrainingRecord) -> dict[str, Any]:
         """Log a finished training (params, metrics, tags, artifacts, the pyfunc model) as one run and
         register it as a new version with alias `challenger`. Called last, after every step
         succeeded: a failure before registration leaves a FAILED run and no version."""
-        import mlflow
-
-        from pipeline.data_version import DataVersion
-        from pipeline.steps import summary_markdown
-
+        record = training.to_dict()
         name = self.model_name(product)
         model_dir = Path(record["model_dir"])
         meta = json.loads((model_dir / "model.json").read_text())
@@ -284,15 +281,13 @@ class Registry:
             registered = {"name": name, "version": str(version.version), "run_id": run.info.run_id,
                           "model_uri": f"models:/{name}/{version.version}", "logged_model_uri": info.model_uri,
                           "tracking_uri": self.uri, "experiment_id": run.info.experiment_id, "random_weights": is_random}
-            mlflow.set_tag("mlflow.note.content", summary_markdown(record | {"registry": registered}))
+            mlflow.set_tag("mlflow.note.content", summary_markdown(training, registered))
         return registered
 
     def _log_pyfunc(self, model_dir: Path, meta: dict[str, Any], record: dict[str, Any], calibration: dict[str, Any],
                     tags: dict[str, Any]):
         """The promotable model: pyfunc from code (pyfunc_model.py) + the PatchCore folder + the
         `patchcore` package, with signature, input example and pinned requirements."""
-        import mlflow
-
         with tempfile.TemporaryDirectory(prefix="patchcore-code-") as tmp:
             package = Path(tmp) / "patchcore"  # the library's sources only: no __pycache__
             shutil.copytree(PATCHCORE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -325,9 +320,6 @@ def training_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 
 def model_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
         outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomalous"), ColSpec("double", "threshold")]),
@@ -339,11 +331,6 @@ def _input_example(image_path: str | None, meta: dict[str, Any]):
     """One nominal image, shrunk to the model's resize side and PNG-encoded (keeps the example small)."""
     if image_path is None:
         return None
-    import io
-
-    import pandas as pd
-    from PIL import Image
-
     with Image.open(image_path) as image:
         image = image.convert("RGB")
         side = meta["config"]["image"]["resize"]

@@ -1,8 +1,8 @@
 """The DVC stages of dvc.yaml: `python -m pipeline.stages <stage> <product>`.
 
-Each stage calls the same step functions as the Prefect tasks (pipeline/steps.py; validation in
+Each stage calls the same step functions as the Prefect tasks (pipeline/steps/; validation in
 pipeline/validation.py), reads params.yaml through pipeline.config (the one config), then copies
-what the next stage needs from PATCHCORE_HOME's content-addressed store into outputs/<product>/
+what the next stage needs from the content-addressed store (pipeline/store.py) into outputs/<product>/
 (the paths dvc.yaml declares, so DVC caches and restores them) and writes metrics (JSON) and plots:
 
     validate   data/<product>           -> validation/ (summary, per-file failures, Data Docs),
@@ -22,6 +22,7 @@ Never imports prefect or mlflow.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -30,11 +31,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
+
 from patchcore.cli import USER_ERRORS
-
-from pipeline import config as pipeline_config
 from pipeline import steps
-
+from pipeline.config import Params, load
+from pipeline.io import plain, read_json, write_json
+from pipeline.results import Bank, Evaluation, FeatureSet, Manifest, Split
+from pipeline.store import Store
 
 DATA_ROOT = Path("data")
 OUTPUTS = Path("outputs")
@@ -46,15 +51,13 @@ def out_dir(product: str) -> Path:
 
 
 def _write(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=steps._jsonable) + "\n")
-    return path
+    return write_json(path, plain(data))
 
 
 def _read(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run the earlier stages first (`dvc repro`)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def _fresh(path: Path) -> Path:
@@ -78,95 +81,126 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _restore(store: Store, copy: Path, *parts: str) -> None:
+    """Put a stage output that DVC restored (dvc pull / checkout) back into the store when the store
+    lacks it (a fresh machine), so the later stages find their inputs."""
+    if store.has(*parts) or not copy.exists():
+        return
+    if copy.is_dir():
+        with store.directory(*parts) as folder:
+            shutil.copytree(copy, folder, dirs_exist_ok=True)
+    else:
+        store.copy_in(copy, *parts)
+
+
 # -- the stages ---------------------------------------------------------------------------------------
-def validate(product: str, params: pipeline_config.Params) -> dict[str, Any]:
+def validate(product: str, params: Params, store: Store) -> dict[str, Any]:
     """The Great Expectations suite on the nominal images, plus the steps' checks of test images and
     masks; a failure exits non-zero, so `dvc repro` stops before extraction."""
     out = out_dir(product)
-    fingerprint = steps.fingerprint_dataset(DATA_ROOT / product, product)
-    validation = steps.validate_dataset(fingerprint["manifest"], params, product)
-    _copy_tree(Path(validation["summary"]).parent, out / "validation")
-    shutil.copyfile(fingerprint["manifest"], out / "manifest.json")
-    _write(out / "data_version.json", fingerprint["data_version_record"])  # DVC md5 + git commit
+    manifest = steps.fingerprint_dataset(store, DATA_ROOT / product, product)
+    validation = steps.validate_dataset(store, manifest, params, product)
+    _copy_tree(Path(validation.summary).parent, out / "validation")
+    shutil.copyfile(manifest.manifest, out / "manifest.json")
+    _write(out / "manifest_result.json", manifest.to_dict() | {"manifest": str(out / "manifest.json")})
+    _write(out / "data_version.json", manifest.data_version_record)  # DVC md5 + git commit
     summary = _read(out / "validation" / "summary.json")
     metrics = {"n_files_checked": summary["n_files"], "n_failures": summary["n_failures"],
-               "n_train": fingerprint["n_train"], "n_test_good": fingerprint["n_test_good"],
-               "n_test_defect": fingerprint["n_test_defect"],
+               "n_train": manifest.n_train, "n_test_good": manifest.n_test_good,
+               "n_test_defect": manifest.n_test_defect,
                "luminance_mean": round(summary["stats"]["luminance_mean"]["mean"], 3)}
     _write(out / "metrics" / "validate.json", metrics)
     return metrics
 
 
-def extract(product: str, params: pipeline_config.Params) -> dict[str, Any]:
+def _manifest(product: str) -> Manifest:
+    return Manifest.from_dict(_read(out_dir(product) / "manifest_result.json"))
+
+
+def extract(product: str, params: Params, store: Store) -> dict[str, Any]:
     """Split (memory bank / held-out / calibration / report), then the bank images' patch features."""
     out = out_dir(product)
-    manifest = out / "manifest.json"
-    split = steps.split_dataset(manifest, params.pipeline)
-    shutil.copyfile(split["split"], out / "split.json")
-    features = steps.extract_features(manifest, out / "split.json", params.model)
+    manifest = _manifest(product)
+    division = steps.split_dataset(store, manifest, params.pipeline)
+    shutil.copyfile(division.split, out / "split.json")
+    features = steps.extract_features(store, manifest, division.replace(split=str(out / "split.json")), params.model)
     target = _fresh(out / "features")
     target.mkdir()
-    by_path = {e["path"]: e["sha256"] for e in _read(manifest)["images"]}
-    source = Path(features["feature_dir"])
+    by_path = {e["path"]: e["sha256"] for e in _read(out / "manifest.json")["images"]}
+    source = Path(features.feature_dir)
     for path in _read(out / "split.json")["bank"]:
         name = f"{by_path[path]}.npy"
         _link_or_copy(source / name, target / name)
     shutil.copyfile(source / "identity.json", target / "identity.json")
-    summary = ({k: v for k, v in features.items() if k != "seconds"}
-               | {"feature_dir": str(target), "split_key": split["split_key"]})
+    summary = features.replace(seconds=0.0).to_dict() | {"split": division.replace(split=str(out / "split.json")).to_dict()}
     _write(out / "features.json", summary)
     return summary
 
 
-def coreset(product: str, params: pipeline_config.Params) -> dict[str, Any]:
+def _features(product: str, store: Store) -> tuple[Split, FeatureSet]:
+    out = out_dir(product)
+    saved = _read(out / "features.json")
+    features = FeatureSet.from_dict(saved)
+    for name in sorted(p.name for p in (out / "features").glob("*.npy")):
+        _restore(store, out / "features" / name, "features", features.identity, name)
+    return Split.from_dict(saved["split"]), features
+
+
+def coreset(product: str, params: Params, store: Store) -> dict[str, Any]:
     """Coreset-subsampled memory bank from the extracted features."""
     out = out_dir(product)
-    features = _read(out / "features.json") | {"feature_dir": str(out / "features")}
+    division, features = _features(product, store)
     # warm_start stays off: a DVC-built bank depends on the data and params alone (reproducible).
-    bank = steps.build_memory_bank(out / "manifest.json", out / "split.json", features, params.model, warm_start=False)
-    _copy_tree(bank["bank_dir"], out / "bank")
-    _write(out / "bank.json", {k: v for k, v in bank.items() if k != "seconds"} | {"bank_dir": str(out / "bank")})
-    metrics = {"bank_size": bank["bank_size"], "n_train_patches": bank["n_train_patches"],
+    bank = steps.build_memory_bank(store, _manifest(product), division, features, params.model, warm_start=False)
+    _copy_tree(bank.bank_dir, out / "bank")
+    _write(out / "bank.json", bank.replace(seconds=0.0, cached=False).to_dict())
+    metrics = {"bank_size": bank.bank_size, "n_train_patches": bank.n_train_patches,
                "fraction": params.model.coreset.fraction}
     _write(out / "metrics" / "coreset.json", metrics)
     return metrics
 
 
-def evaluate(product: str, params: pipeline_config.Params) -> dict[str, Any]:
+def _bank(product: str, store: Store) -> Bank:
+    bank = Bank.from_dict(_read(out_dir(product) / "bank.json"))
+    _restore(store, out_dir(product) / "bank", "banks", bank.bank_key)
+    return bank
+
+
+def evaluate(product: str, params: Params, store: Store) -> dict[str, Any]:
     """Scores of the held-out nominal and test images: metrics, ROC/PR points, per-image scores."""
     out = out_dir(product)
-    bank = _read(out / "bank.json") | {"bank_dir": str(out / "bank")}
-    evaluation = steps.evaluate_bank(out / "manifest.json", out / "split.json", bank)
+    division, _ = _features(product, store)
+    evaluation = steps.evaluate_bank(store, _manifest(product), division, _bank(product, store))
     # Keep the content key as the folder name: calibrate's model key is derived from it.
-    key = Path(evaluation["evaluation_dir"]).name
+    key = evaluation.json_path.parent.name
     _fresh(out / "evaluation")
-    _copy_tree(evaluation["evaluation_dir"], out / "evaluation" / key)
-    _write(out / "evaluation.json", {k: v for k, v in evaluation.items() if k != "seconds"}
-           | {"evaluation_dir": str(out / "evaluation" / key)})
-    _write(out / "metrics" / "evaluate.json", evaluation["metrics"])
+    _copy_tree(evaluation.evaluation_dir, out / "evaluation" / key)
+    _write(out / "evaluation.json", evaluation.replace(seconds=0.0, cached=False).to_dict())
+    _write(out / "metrics" / "evaluate.json", evaluation.metrics)
     _write_score_plots(out / "evaluation" / key / "evaluation.json", out / "plots")
-    return evaluation["metrics"]
+    return evaluation.metrics
 
 
-def calibrate(product: str, params: pipeline_config.Params) -> dict[str, Any]:
+def calibrate(product: str, params: Params, store: Store) -> dict[str, Any]:
     """Threshold, the calibrated model (outputs/<product>/model) and its report plots."""
     out = out_dir(product)
-    bank = _read(out / "bank.json") | {"bank_dir": str(out / "bank")}
-    evaluation = _read(out / "evaluation.json")
-    manifest, features = _read(out / "manifest.json"), _read(out / "features.json")
-    fingerprint = {"data_version": manifest["data_version"], "data_root": manifest["root"],
-                   "manifest_sha256": manifest["manifest_sha256"]}
-    provenance = steps.provenance(product, fingerprint, {"split_key": features["split_key"]}, features)
+    bank = _bank(product, store)
+    evaluation = Evaluation.from_dict(_read(out / "evaluation.json"))
+    key = evaluation.json_path.parent.name
+    _restore(store, out / "evaluation" / key, "evaluations", key)
+    division, features = _features(product, store)
+    manifest = _manifest(product)
+    provenance = steps.provenance(product, manifest, division.split_key, features.identity)
     provenance |= {"data_version_record": _read(out / "data_version.json"), "built_by": "dvc repro"}
-    calibrated = steps.calibrate(evaluation, bank, product, params.pipeline, provenance)
-    _copy_tree(calibrated["model_dir"], out / "model")
-    report = steps.make_report(evaluation, calibrated, out / "manifest.json", params.pipeline)
+    calibrated = steps.calibrate(store, evaluation, bank, product, params.pipeline, provenance)
+    _copy_tree(calibrated.model_dir, out / "model")
+    report = steps.make_report(store, evaluation, calibrated, manifest, params.pipeline)
     images = _fresh(out / "report")
     images.mkdir()
-    for file in report["files"]:
+    for file in report.files:
         if file.endswith(".png"):
             shutil.copyfile(file, images / Path(file).name)
-    c = calibrated["calibration"]
+    c = calibrated.calibration
     metrics = {"threshold": c["threshold"], "rule": c["rule"], "heldout_fpr": c["heldout_fpr"],
                "n_heldout": c["n_heldout"]} | {f"at_threshold_{k}": v for k, v in (c.get("at_threshold") or {}).items()}
     _write(out / "metrics" / "calibrate.json", metrics)
@@ -176,11 +210,6 @@ def calibrate(product: str, params: pipeline_config.Params) -> dict[str, Any]:
 
 def _write_score_plots(evaluation_json: Path, plots: Path) -> None:
     """ROC and PR points (labelled test images) and every scored image, as CSV for `dvc plots`."""
-    import csv
-
-    import numpy as np
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     records = _read(evaluation_json)["records"]
     _fresh(plots).mkdir()
     with open(plots / "scores.csv", "w", newline="") as f:
@@ -204,6 +233,10 @@ def _write_score_plots(evaluation_json: Path, plots: Path) -> None:
             writer.writerows(rows)
 
 
+STAGE_FUNCTIONS = {"validate": validate, "extract": extract, "coreset": coreset, "evaluate": evaluate,
+                   "calibrate": calibrate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.stages", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=STAGES)
@@ -212,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        params = pipeline_config.load(args.params)
-        result = globals()[args.stage](args.product, params)
+        params = load(args.params)
+        result = STAGE_FUNCTIONS[args.stage](args.product, params, Store.from_settings(params))
     except USER_ERRORS as exc:  # bad data, config, weights: one message, no traceback
         print(f"error: stage {args.stage} ({args.product}): {exc}", file=sys.stderr)
         return 2

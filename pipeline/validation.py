@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import warnings
@@ -29,21 +28,20 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from patchcore.data import GOOD, IMAGE_SUFFIXES, DataError, is_mvtec_root
-from patchcore.paths import home
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from pipeline.config import Params
+from pipeline.config import Params
+from pipeline.io import plain, write_json
+from pipeline.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +185,6 @@ def _reason(exc: BaseException) -> str:
 
 def build_table(folder: str | Path, max_pixels: int = 40_000_000, workers: int | None = None) -> pd.DataFrame:
     """The metadata table of every file under `folder` (sorted by path)."""
-    import pandas as pd
-
     folder = Path(folder)
     files = _files(folder)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -219,13 +215,14 @@ def image_stats(table: pd.DataFrame) -> dict[str, Any]:
 
 # -- the accepted version (drift reference) ----------------------------------------------------
 
-def reference_path(product: str) -> Path:
-    return home() / "validation" / product / "accepted.json"
+def reference_path(product: str, store: Store | None = None) -> Path:
+    """validation/<product>/accepted.json in the store (default: the one under $PATCHCORE_HOME)."""
+    return (store or Store()).path("validation", product, "accepted.json")
 
 
-def load_reference(product: str) -> dict[str, Any] | None:
+def load_reference(product: str, store: Store | None = None) -> dict[str, Any] | None:
     """The statistics of the product's previously accepted version, or None for a first version."""
-    path = reference_path(product)
+    path = reference_path(product, store)
     if not path.is_file():
         return None
     try:
@@ -234,19 +231,14 @@ def load_reference(product: str) -> dict[str, Any] | None:
         raise DataError(f"{path}: unreadable drift reference ({exc}); delete it to start a new baseline") from None
 
 
-def accept_reference(result: ValidationResult, extra: dict[str, Any] | None = None) -> Path:
+def accept_reference(result: ValidationResult, extra: dict[str, Any] | None = None, store: Store | None = None) -> Path:
     """Make a passed set the baseline that the product's next versions are compared with. Call it
     once a model trained on the set is registered (or by hand: `patchcore validate DIR --accept`)."""
     if not result.passed:
         raise ValueError(f"{result.folder}: a set that failed validation cannot become the reference")
-    path = reference_path(result.product)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {**result.stats, "product": result.product, "folder": str(result.folder),
               "accepted_at": _now(), **(extra or {})}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json(reference_path(result.product, store), record)
 
 
 # -- the suite ----------------------------------------------------------------------------------
@@ -311,25 +303,23 @@ def resolved_expectations(suite: dict[str, Any], values: dict[str, Any], with_re
 
 def validate_image_set(product_dir: str | Path, params: Params | None = None, reference: Any = "auto",
                        out_dir: str | Path | None = None, docs: bool = True, product: str | None = None,
-                       suite_path: str | Path = SUITE_FILE) -> ValidationResult:
+                       suite_path: str | Path = SUITE_FILE, store: Store | None = None) -> ValidationResult:
     """Validate a product's nominal images with the repository's GX suite through a Checkpoint.
 
     reference: "auto" (the product's accepted statistics when they exist), None (no drift check),
     a dict from image_stats()/load_reference(), or the path of such a JSON file.
     out_dir: where summary.json, failures.json, images.csv and data_docs/ go
-    (default PATCHCORE_HOME/validation/<product>/latest). Never raises for bad data: check
+    (default validation/<product>/latest in `store`, itself by default $PATCHCORE_HOME). Never raises for bad data: check
     `result.passed` or call raise_for_failures(result).
     """
-    from pipeline.config import Params as _Params
-
-    params = params or _Params()
+    params = params or Params()
     folder = image_folder(product_dir)
     product = product or Path(product_dir).expanduser().resolve().name
     if isinstance(reference, str) and reference == "auto":
-        reference = load_reference(product)
+        reference = load_reference(product, store)
     elif isinstance(reference, (str, Path)):
         reference = json.loads(Path(reference).read_text())
-    out = Path(out_dir) if out_dir else home() / "validation" / product / "latest"
+    out = Path(out_dir) if out_dir else (store or Store()).path("validation", product, "latest")
     out.mkdir(parents=True, exist_ok=True)
 
     table = build_table(folder, max_pixels=params.validation.max_pixels)
@@ -349,7 +339,7 @@ def validate_image_set(product_dir: str | Path, params: Params | None = None, re
         "drift_reference": ({"accepted_at": reference.get("accepted_at"), "n_images": reference.get("n_images")}
                             if reference else None),
         "expectations": [{"rule": o["rule"], "expectation": o["type"], "success": o["success"],
-                          "observed": _jsonable(o["observed"]), "unexpected": o["unexpected_count"]}
+                          "observed": _compact(o["observed"]), "unexpected": o["unexpected_count"]}
                          for o in outcomes],
         "stats": stats,
     }
@@ -358,12 +348,12 @@ def validate_image_set(product_dir: str | Path, params: Params | None = None, re
     result.table_path = out / "images.csv"
     table.to_csv(result.table_path, index=False)
     result.failures_path = out / "failures.json"
-    result.failures_path.write_text(json.dumps(result.failure_rows(), indent=2))
+    write_json(result.failures_path, result.failure_rows())
     if docs_dir is not None and (docs_dir / "index.html").is_file():
         result.docs_path = docs_dir / "index.html"
         summary["data_docs"] = str(result.docs_path)
     result.summary_path = out / "summary.json"
-    result.summary_path.write_text(json.dumps(summary, indent=2))
+    write_json(result.summary_path, summary)
     if passed:
         log.info("%s: %d files passed the %s suite", folder, len(table), suite["name"])
     else:
@@ -375,7 +365,7 @@ def validate_image_set(product_dir: str | Path, params: Params | None = None, re
 def _run_checkpoint(table: pd.DataFrame, suite_name: str, entries: list[dict[str, Any]], asset: str,
                     docs_dir: Path | None) -> list[dict[str, Any]]:
     gx = _import_gx()
-    from great_expectations.data_context.types.base import (
+    from great_expectations.data_context.types.base import (  # noqa: PLC0415  lazy: see _import_gx
         DataContextConfig,
         InMemoryStoreBackendDefaults,
         ProgressBarsConfig,
@@ -395,7 +385,7 @@ def _run_checkpoint(table: pd.DataFrame, suite_name: str, entries: list[dict[str
     context = gx.get_context(mode="ephemeral", project_config=config)
     batch = (context.data_sources.add_pandas("images").add_dataframe_asset(asset)
              .add_batch_definition_whole_dataframe("all files"))
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration  # noqa: PLC0415
 
     suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
     for index, entry in enumerate(entries):
@@ -434,7 +424,7 @@ def _failures(outcomes: list[dict[str, Any]], table: pd.DataFrame, folder: Path)
             continue
         name = f"{o['rule']} ({o['type']})"
         if not o["unexpected_paths"]:  # a set-level expectation (count, set average)
-            failures.append(FileFailure(SET_LEVEL, name, _jsonable(o["observed"]), o["fix"]))
+            failures.append(FileFailure(SET_LEVEL, name, _compact(o["observed"]), o["fix"]))
             continue
         column = o["observed_column"] or o["column"]
         for path in o["unexpected_paths"]:
@@ -443,7 +433,7 @@ def _failures(outcomes: list[dict[str, Any]], table: pd.DataFrame, folder: Path)
                 same = [p for p in table.loc[table["sha256"] == row["sha256"], "path"] if p != path]
                 observed: Any = f"same bytes as {', '.join(same)}"
             else:
-                observed = _jsonable(row[column])
+                observed = _compact(row[column])
             failures.append(FileFailure(str(folder / path), name, observed, o["fix"]))
     return failures
 
@@ -459,38 +449,34 @@ def _import_gx():
         gx_logger.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import great_expectations as gx
+        import great_expectations as gx  # noqa: PLC0415  lazy: GX takes 2-4 s to import; only validation runs need it
 
     return gx
 
 
 def _gx_version() -> str:
-    from importlib.metadata import version
-
-    return version("great_expectations")
+    return metadata.version("great_expectations")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
+def _compact(value: Any) -> Any:
+    """An observed value as the summary shows it: plain JSON, floats rounded to 4 digits."""
+    value = plain(value)
     if isinstance(value, float):
         # Integral floats are counts/sizes from a column pandas widened to float by a missing value.
         return int(value) if value.is_integer() else round(value, 4)
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_compact(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _compact(v) for k, v in value.items()}
     return value
 
 
 def _short(value: Any, limit: int = 160) -> str:
-    text = value if isinstance(value, str) else json.dumps(_jsonable(value))
+    text = value if isinstance(value, str) else json.dumps(_compact(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -1,15 +1,15 @@
-"""What every pipeline task shares: the retry rule for transient I/O, content-hash cache keys,
-artifact keys, and a fix that lets processes forked inside a Prefect run (DataLoader workers) exit
-cleanly."""
+"""What every pipeline task shares: the retry rule for transient I/O and artifact keys.
+
+Caching lives in one place, the pipeline's content-addressed store (pipeline/store.py): a step
+whose inputs did not change finds its output there. Tasks therefore use Prefect's states and
+retries but no Prefect result caching (NO_CACHE)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from prefect.cache_policies import NO_CACHE
 
 # Retried: errors of the file system or the network that a second attempt may not meet (a busy
 # NFS mount, a dropped connection). Never retried: bad data or settings (DataError, ConfigError are
@@ -28,25 +28,11 @@ def transient_io(task, task_run, state) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT)
 
 
-def cache_key_from(key_fn: Callable[..., str | None]) -> Callable[[Any, dict[str, Any]], str | None]:
-    """A Prefect cache_key_fn from a step's content-key function: the key is a hash of input
-    *contents* (image sha256s, settings), never of paths or run ids. (The callers refresh the
-    cache when the step's output on disk is gone, so a hit never points at deleted files.)"""
-
-    def cache_key(context, parameters: dict[str, Any]) -> str | None:
-        try:
-            return key_fn(**parameters)
-        except Exception:  # any doubt: run the step (it is idempotent)
-            return None
-
-    return cache_key
-
-
-def cache_key(stage: str, output: Path) -> str:
-    """Prefect cache key of a content-addressed step output: the stage, the output folder's name
-    (a hash of the input contents and settings) and the working directory it lives in (two
-    PATCHCORE_HOMEs never share cached results)."""
-    return f"{stage}-{output.name}-{hashlib.sha256(str(output.parent).encode()).hexdigest()[:12]}"
+# Keyword arguments of every pipeline task: no Prefect caching (see above).
+PLAIN: dict[str, Any] = {"cache_policy": NO_CACHE}
+# ... and of the tasks whose I/O may fail transiently.
+IO_RETRIES: dict[str, Any] = PLAIN | {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAY_SECONDS,
+                                      "retry_condition_fn": transient_io}
 
 
 def artifact_key(*parts: str) -> str:
@@ -54,27 +40,4 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
 
 
-def _drop_parent_prefect_services_in_child() -> None:
-    """In a process forked from a Prefect run (e.g. a torch DataLoader worker decoding images),
-    forget the parent's Prefect queue services. Prefect 3.8.8 registers their drain with
-    threading._register_atexit; in the child that drain fails (`assert self._done_event is not
-    None`: the service's event loop lives in a parent thread), so every forked worker exits with
-    status 1 and the DataLoader raises "worker exited unexpectedly"."""
-    import threading
-
-    try:
-        from prefect._internal.concurrency.services import _QueueServiceBase
-    except ImportError:  # another Prefect layout: nothing to do
-        return
-    atexits = getattr(threading, "_threading_atexits", None)
-    if atexits is None:
-        return
-
-    def is_prefect_drain(callback) -> bool:
-        func = getattr(callback, "func", callback)
-        return isinstance(getattr(func, "__self__", None), _QueueServiceBase)
-
-    atexits[:] = [cb for cb in atexits if not is_prefect_drain(cb)]
-
-
-os.register_at_fork(after_in_child=_drop_parent_prefect_services_in_child)
+__all__ = ["IO_RETRIES", "NOT_TRANSIENT", "PLAIN", "RETRIES", "RETRY_DELAY_SECONDS", "artifact_key", "transient_io"]

@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
+from apps.cli import main as app_main
+from patchcore import PatchCore
 from patchcore.cli import main
+from patchcore.config import ConfigError, parse_overrides
 
 TINY = ["--backbone", "resnet18", "--weights", "random", "--resize", "112", "--crop", "96",
         "--set", "features.pretrain_dim=256", "--set", "features.target_dim=256", "--set", "runtime.num_workers=0"]
@@ -40,8 +43,6 @@ def test_predict_writes_scores_and_heatmaps(cli_model, product, tmp_path, capsys
 
 
 def test_threshold_adds_is_anomalous(cli_model, product, tmp_path):
-    from patchcore import PatchCore
-
     model = PatchCore.load(cli_model)
     model.set_threshold(0.0, rule="everything")
     model.save(tmp_path / "m")
@@ -53,7 +54,7 @@ def test_threshold_adds_is_anomalous(cli_model, product, tmp_path):
 def test_evaluate_prints_metrics(cli_model, product, capsys):
     assert main(["evaluate", "--model", str(cli_model), "--data", str(product), "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"image_auroc", "pixel_auroc", "pro", "f1_threshold"} <= set(report["metrics"])
+    assert {"image_auroc", "pixel_auroc", "pro", "f1_max_threshold"} <= set(report["metrics"])
 
 
 def test_bad_input_exits_non_zero_with_the_file_named(tmp_path, product):
@@ -81,3 +82,20 @@ def test_patchcore_weights_env_is_used(monkeypatch, tmp_path, product, capsys):
     monkeypatch.setenv("PATCHCORE_WEIGHTS", str(tmp_path / "factory.pth"))
     assert main(["fit", "--images", str(product), "--out", str(tmp_path / "m"), "--backbone", "resnet18"]) == 2
     assert "factory.pth not found" in capsys.readouterr().err
+
+
+def test_the_console_script_evaluates_a_model_folder_like_the_library(cli_model, product, capsys):
+    assert app_main(["evaluate", "--model", str(cli_model), "--data", str(product), "--quiet"]) == 0
+    assert {"image_auroc", "pixel_auroc", "pro"} <= set(json.loads(capsys.readouterr().out)["metrics"])
+    assert app_main(["evaluate", "--model", str(cli_model)]) == 2
+    assert "--data is required with --model" in capsys.readouterr().err
+
+
+def test_set_values_are_read_as_yaml_and_a_missing_equals_sign_is_named():
+    assert parse_overrides(["scoring.k=3", "coreset.fraction=0.5", "scoring.reweight=true", "backbone.layers=[a, b]",
+                            " backbone.name =resnet18", "scoring.k=5"]) == {
+        "scoring.k": 5, "coreset.fraction": 0.5, "scoring.reweight": True, "backbone.layers": ["a", "b"],
+        "backbone.name": "resnet18"}
+    assert parse_overrides(None) == {}
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE, got 'scoring.k'"):
+        parse_overrides(["scoring.k"])

@@ -172,11 +172,11 @@ def test_timm_backbones_work_by_prefix():
 def test_plain_list_fields_are_read_as_lists():
     from dataclasses import dataclass
 
-    from patchcore.config import _build
+    from patchcore.config import build_settings
 
     @dataclass
     class Section:
         names: list[str]
 
-    assert _build(Section, {"names": "a, b"}, "").names == ["a", "b"]
-    assert _build(Section, {"names": ["x"]}, "").names == ["x"]
+    assert build_settings(Section, {"names": "a, b"}, "").names == ["a", "b"]
+    assert build_settings(Section, {"names": ["x"]}, "").names == ["x"]

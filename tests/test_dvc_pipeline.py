@@ -94,7 +94,7 @@ def test_reproduce_instructions_name_the_commit_the_data_and_the_command(repo):
 
 
 def test_the_data_commands_show_check_and_compare_versions(repo, tmp_path, capsys):
-    from pipeline.cli import main
+    from apps.cli import main
 
     product = str(repo / "data" / "tiles")
     assert main(["data", "version", product, "--json"]) == 0
@@ -114,7 +114,7 @@ def test_the_data_commands_show_check_and_compare_versions(repo, tmp_path, capsy
 def test_reproduce_reads_the_record_from_a_registered_model_version(repo, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from pipeline.cli import main
+    from apps.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

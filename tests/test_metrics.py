@@ -17,7 +17,6 @@ from patchcore.metrics import (
     threshold_at_recall,
 )
 
-
 # --------------------------------------------------------------------------- fixtures
 
 

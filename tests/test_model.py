@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from patchcore import PatchCore
+from patchcore.coreset import GreedySelection
 from patchcore.data import DataError, ImageError, load_mask, resolve_samples
 from patchcore.evaluation import evaluate
-from patchcore.coreset import GreedySelection
 from patchcore.knn import make_index
 from patchcore.model import ModelFileError, read_coreset_state
 from tests.conftest import tiny_config

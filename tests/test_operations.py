@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PARAMS, pipeline_home, tiny_overrides
 
-
-from deploy.watcher import Snapshot, WatchState, observe
 from patchcore.synthetic import generate_product
+from pipeline.watching import Snapshot, WatchState, observe
 
 TINY = tiny_overrides()
 
@@ -232,7 +230,7 @@ def test_two_simultaneous_triggers_queue_and_new_images_are_extracted_incrementa
 
 
 def test_the_training_slot_admits_one_training_per_product_at_a_time(env):
-    from pipeline.operations import training_slot
+    from tasks.concurrency import training_slot
 
     spans: dict[str, tuple[float, float]] = {}
 

@@ -7,11 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from patchcore.synthetic import generate_product
 from pipeline import steps
 from pipeline.config import PipelineConfig
+from pipeline.io import read_json
+from pipeline.store import Store
 
 
 @pytest.fixture
@@ -20,29 +22,34 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _split(data, cfg=PipelineConfig()):
-    fp = steps.fingerprint_dataset(data)
-    return steps.read_json(steps.split_dataset(fp["manifest"], cfg)["split"])
+@pytest.fixture
+def store(home):
+    return Store(home / "store")
 
 
-def test_held_out_images_never_enter_the_bank_and_barely_move_when_images_are_added(home, tmp_path):
+def _split(store, data, cfg=PipelineConfig()):
+    manifest = steps.fingerprint_dataset(store, data)
+    return read_json(steps.split_dataset(store, manifest, cfg).split)
+
+
+def test_held_out_images_never_enter_the_bank_and_barely_move_when_images_are_added(store, tmp_path):
     data = generate_product(tmp_path / "a", "tiles", n_train=30, n_test_good=4, n_test_defect=2, size_px=64, seed=0)
-    first = _split(data)
+    first = _split(store, data)
     assert len(first["holdout"]) == 6 and not set(first["holdout"]) & set(first["bank"])
-    assert _split(data) == first  # deterministic
+    assert _split(store, data) == first  # deterministic
     grown = tmp_path / "b" / "tiles"
     shutil.copytree(data, grown)
     extra = generate_product(tmp_path / "c", "tiles", n_train=40, n_test_good=0, n_test_defect=0, size_px=64, seed=9)
     for i, path in enumerate(sorted((extra / "train" / "good").glob("*.png"))[:10]):
         shutil.copy(path, grown / "train" / "good" / f"new{i:02d}.png")
-    second = _split(grown)
+    second = _split(store, grown)
     assert len(second["holdout"]) == 8
     moved_into_bank = set(first["holdout"]) & set(second["bank"])
     assert len(moved_into_bank) <= 2  # membership is keyed on content: most held-out images stay held out
 
 
-def test_calibration_split_is_stratified_and_disjoint(home, product):
-    split = _split(product)
+def test_calibration_split_is_stratified_and_disjoint(store, product):
+    split = _split(store, product)
     assert split["mode"] == "labelled" and not set(split["calibration"]) & set(split["report"])
     for defect in ("good", "scratch", "spot", "missing"):
         in_calibration = [p for p in split["calibration"] if p.startswith(f"test/{defect}/")]
@@ -59,21 +66,21 @@ def test_feature_identity_follows_what_changes_features_and_nothing_else():
     assert steps.feature_identity(tiny_config(**{"backbone.layers": ["layer1", "layer2"]}))["key"] != base
 
 
-def test_extraction_only_processes_images_missing_from_the_cache(home, product, monkeypatch):
+def test_extraction_only_processes_images_missing_from_the_cache(store, product, monkeypatch):
     from patchcore import PatchCore
 
-    fp = steps.fingerprint_dataset(product)
-    split = steps.split_dataset(fp["manifest"], PipelineConfig())
+    manifest = steps.fingerprint_dataset(store, product)
+    split = steps.split_dataset(store, manifest, PipelineConfig())
     config = tiny_config()
-    first = steps.extract_features(fp["manifest"], split["split"], config)
-    assert first["n_extracted"] == first["n_images"] == split["n_bank"]
-    victim = sorted((home / "features").rglob("*.npy"))[0]
+    first = steps.extract_features(store, manifest, split, config)
+    assert first.n_extracted == first.n_images == split.n_bank
+    victim = sorted(store.path("features").rglob("*.npy"))[0]
     victim.unlink()  # as if the run had been interrupted before this image
     seen = []
     original = PatchCore.embed
     monkeypatch.setattr(PatchCore, "embed", lambda self, images, **kw: (seen.append(len(images)) or original(self, images, **kw)))
-    again = steps.extract_features(fp["manifest"], split["split"], config)
-    assert (again["n_extracted"], again["n_cached"], seen) == (1, first["n_images"] - 1, [1])
+    again = steps.extract_features(store, manifest, split, config)
+    assert (again.n_extracted, again.n_cached, seen) == (1, first.n_images - 1, [1])
     assert victim.is_file()
 
 
@@ -100,3 +107,39 @@ def test_cold_start_threshold_reports_fpr_on_unseen_good_images_when_there_are_s
     assert c["rule"] == "nominal_quantile" and c["heldout_fpr"] <= 0.05
     assert 1.9 < c["threshold"] < 2.0
     assert c["report_independent"] and c["at_threshold"]["fpr"] == 0.5  # 2.5 flagged, 1.5 not
+
+
+def _train_steps(store, data, config):
+    cfg = PipelineConfig()
+    manifest = steps.fingerprint_dataset(store, data, "tiles")
+    split = steps.split_dataset(store, manifest, cfg)
+    features = steps.extract_features(store, manifest, split, config)
+    bank = steps.build_memory_bank(store, manifest, split, features, config)
+    evaluation = steps.evaluate_bank(store, manifest, split, bank)
+    provenance = steps.provenance("tiles", manifest, split.split_key, features.identity)
+    calibrated = steps.calibrate(store, evaluation, bank, "tiles", cfg, provenance)
+    report = steps.make_report(store, evaluation, calibrated, manifest, cfg)
+    return features, bank, evaluation, calibrated, report
+
+
+def test_the_steps_run_on_a_store_url_and_a_second_machine_reuses_every_output(tmp_path, monkeypatch, product):
+    """A shared store (here a file:// URL, the same code path as s3://): outputs land under the URL,
+    and a machine with an empty local mirror finds the features, bank and evaluation there."""
+    from patchcore import PatchCore
+
+    url = f"file://{tmp_path / 'shared-store'}"
+    monkeypatch.setenv("PATCHCORE_HOME", str(tmp_path / "machine-a"))
+    features, bank, evaluation, calibrated, report = _train_steps(Store(url), product, tiny_config())
+    shared = tmp_path / "shared-store"
+    assert (shared / "banks" / bank.bank_key / "model.json").is_file()
+    assert len(list((shared / "features" / features.identity).glob("*.npy"))) == features.n_images
+    assert (shared / "models" / "tiles" / calibrated.model_key / "model.json").is_file()
+    assert {p.name for p in (shared / "reports" / calibrated.model_key).iterdir()} >= {"scores.json", "roc.png"}
+
+    monkeypatch.setenv("PATCHCORE_HOME", str(tmp_path / "machine-b"))
+    monkeypatch.setattr(PatchCore, "embed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-extracted")))
+    features2, bank2, evaluation2, calibrated2, _ = _train_steps(Store(url), product, tiny_config())
+    assert (features2.n_extracted, features2.n_cached) == (0, features.n_images)
+    assert bank2.cached and evaluation2.cached and bank2.bank_key == bank.bank_key
+    assert calibrated2.threshold == calibrated.threshold
+    assert str(tmp_path / "machine-b") in bank2.bank_dir  # read through machine b's own mirror

@@ -7,11 +7,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import REPO, tiny_overrides
+
 from pipeline import promotion, steps
 from pipeline.config import PromotionConfig, load_settings
 from pipeline.registry import NoSuchAlias, Registry, UnknownProduct
+from pipeline.results import Validation
+from pipeline.store import Store
 
 TINY = tiny_overrides()
 
@@ -41,24 +43,27 @@ def worse_data(product, env):
 
 def register_version(registry: Registry, settings, data_root) -> str:
     """The training steps without Prefect (what the DVC stages run), then registration."""
-    fp = steps.fingerprint_dataset(data_root, "tiles")
-    split = steps.split_dataset(fp["manifest"], settings.pipeline)
-    features = steps.extract_features(fp["manifest"], split["split"], settings.model)
-    bank = steps.build_memory_bank(fp["manifest"], split["split"], features, settings.model)
-    evaluation = steps.evaluate_bank(fp["manifest"], split["split"], bank)
-    calibrated = steps.calibrate(evaluation, bank, "tiles", settings.pipeline, steps.provenance("tiles", fp, split, features))
-    report = steps.make_report(evaluation, calibrated, fp["manifest"], settings.pipeline)
-    validation = {"files": [], "docs_dir": None, "seconds": 0.0}
-    record = steps.training_record("tiles", fp, validation, split, features, bank, evaluation, calibrated, report)
+    store = Store.from_settings(settings)
+    manifest = steps.fingerprint_dataset(store, data_root, "tiles")
+    split = steps.split_dataset(store, manifest, settings.pipeline)
+    features = steps.extract_features(store, manifest, split, settings.model)
+    bank = steps.build_memory_bank(store, manifest, split, features, settings.model)
+    evaluation = steps.evaluate_bank(store, manifest, split, bank)
+    provenance = steps.provenance("tiles", manifest, split.split_key, features.identity)
+    calibrated = steps.calibrate(store, evaluation, bank, "tiles", settings.pipeline, provenance)
+    report = steps.make_report(store, evaluation, calibrated, manifest, settings.pipeline)
+    validation = Validation(summary="", files=[], docs_dir=None, n_files=0)
+    record = steps.training_record("tiles", manifest, validation, split, features, bank, evaluation, calibrated, report)
     return registry.log_training("tiles", settings, record)["version"]
 
 
 def run_gate(registry: Registry, settings, data_root, allow_random_weights: bool = True) -> dict:
     """What flows/promote.py composes, step by step."""
+    store = Store.from_settings(settings)
     found = promotion.candidates(registry, "tiles")
-    eval_set = promotion.pin_evaluation_set(data_root)
-    challenger = promotion.score_version(registry, "tiles", found["challenger"]["version"], eval_set)
-    champion = (promotion.score_version(registry, "tiles", found["champion"]["version"], eval_set)
+    eval_set = promotion.pin_evaluation_set(store, data_root)
+    challenger = promotion.score_version(registry, store, "tiles", found["challenger"]["version"], eval_set)
+    champion = (promotion.score_version(registry, store, "tiles", found["champion"]["version"], eval_set)
                 if found["champion"] else None)
     decision = promotion.decide(found["challenger"], found["champion"], challenger, champion, settings.promotion,
                                 allow_random_weights)

@@ -9,8 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from patchcore import PatchCore, PatchCoreConfig
-from patchcore import metrics
+from patchcore import PatchCore, PatchCoreConfig, metrics
 from tests.conftest import MTD, SHARED_WEIGHTS
 
 pytestmark = [

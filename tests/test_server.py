@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PARAMS, REPO, tiny_overrides
 
 from patchcore.synthetic import generate_product
@@ -128,8 +127,13 @@ def _deployment(client, name: str):
 
 
 def _runs(client, deployment_id, state: str | None = None):
-    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
 
     run_filter = (FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state]))) if state else None)
     return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
@@ -155,7 +159,7 @@ def test_new_images_start_a_retrain_through_watch_event_and_trigger_and_the_cron
         assert run.state.is_completed(), f"retrain ended {run.state.name}: {run.state.message}"
         watch = _deployment(client, "watch")
         assert _runs(client, watch.id, "COMPLETED")  # the interval deployment ran
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--product", "tiles", "--json"],
+    result = subprocess.run([sys.executable, "-m", "apps.cli", "status", "--product", "tiles", "--json"],
                             cwd=REPO, env=served["env"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     tiles = json.loads(result.stdout)["products"]["tiles"]

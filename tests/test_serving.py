@@ -17,9 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import PARAMS, pipeline_home, tiny_overrides
-
 
 TINY = tiny_overrides()
 START_TIMEOUT_S = 120

@@ -215,7 +215,7 @@ def test_a_failed_set_cannot_become_the_reference(product, params):
 
 
 def test_cli_validate_exits_non_zero_on_failure(product, params, tmp_path, capsys):
-    from pipeline.cli import main
+    from apps.cli import main
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(_as_dict(params)))
@@ -249,7 +249,7 @@ def test_great_expectations_is_imported_only_when_a_validation_runs():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.validation, pipeline.data_version, pipeline.cli; "
-            "pipeline.cli.build_parser(); print('great_expectations' in sys.modules)")
+    code = ("import sys, pipeline.validation, pipeline.data_version, apps.cli; "
+            "apps.cli.build_parser(); print('great_expectations' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.stdout.strip() == "False", done.stderr

@@ -12,12 +12,14 @@ Settings: params.yaml (--params or PATCHCORE_PARAMS), then --weights, then --set
 section). The tracking store: mlflow.tracking_uri, else MLFLOW_TRACKING_URI, else
 sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db. Expected failures (unknown product, no champion yet,
 tracking store unreachable, bad data) print one line and exit 2.
+
+The Prefect flows are imported only by the commands that run them, so `patchcore status` and
+`patchcore --help` do not pay for Prefect.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import logging
@@ -26,11 +28,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patchcore.cli import cmd_evaluate as library_evaluate
+from patchcore.config import ConfigError, env_weights, parse_overrides
+from pipeline.config import Params, load_settings
+from pipeline.inspection import inspect_images
+from pipeline.promotion import pin_evaluation_set, rollback, score_version, status
+from pipeline.registry import Registry, RegistryError
+from pipeline.store import Store
+
 REGISTRY_ALIASES = ("champion", "challenger", "previous")
 
 
 def register(sub) -> None:
-    _replace(sub, "evaluate")
+    """Add train, evaluate, promote, rollback, inspect and status to the `patchcore` sub-commands
+    (apps/cli.py). This `evaluate` takes the library's form (--model DIR --data DIR) too."""
     tr = sub.add_parser("train", help="run the training flow: validate, extract, coreset, evaluate, calibrate, register",
                         description="Run the Prefect flow `train-product-model`: a product's images become a new "
                         "registered model version with alias `challenger`.")
@@ -90,13 +101,6 @@ def register(sub) -> None:
 
 
 # -- argument helpers ------------------------------------------------------------------------------
-def _replace(sub, name: str) -> None:
-    """Drop a sub-command registered earlier (the library's `evaluate`; ours accepts its form too)."""
-    sub._name_parser_map.pop(name, None)
-    sub.choices.pop(name, None)
-    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
-
-
 def _product(p: argparse.ArgumentParser) -> None:
     p.add_argument("--product", required=True, help="product name (registered model patchcore-<product>)")
 
@@ -114,33 +118,22 @@ def _settings(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
-    from patchcore.config import ConfigError
-
+    """--weights, then --set, then PATCHCORE_WEIGHTS where neither named the weights."""
     out: dict[str, Any] = {}
     if getattr(args, "weights", None):
         out["model.backbone.weights"] = args.weights
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    if os.environ.get("PATCHCORE_WEIGHTS") and "model.backbone.weights" not in out:
-        out["model.backbone.weights"] = os.environ["PATCHCORE_WEIGHTS"]
+    out.update(parse_overrides(args.set))
+    if env_weights() and "model.backbone.weights" not in out:
+        out["model.backbone.weights"] = env_weights()
     return out
 
 
-def _settings_from(args: argparse.Namespace):
-    from pipeline.config import load_settings
-
+def _settings_from(args: argparse.Namespace) -> Params:
     return load_settings(getattr(args, "params", None), _overrides(args) if hasattr(args, "set") else None)
 
 
-def _registry(args: argparse.Namespace):
-    from pipeline.registry import Registry
-
-    return Registry(_settings_from(args).mlflow)
+def _registry(args: argparse.Namespace, settings: Params | None = None) -> Registry:
+    return Registry((settings or _settings_from(args)).mlflow)
 
 
 def _user_errors(func):
@@ -148,8 +141,6 @@ def _user_errors(func):
 
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
-        from pipeline.registry import RegistryError
-
         try:
             return func(args)
         except RegistryError as exc:
@@ -188,7 +179,7 @@ def _quiet_prefect_defaults() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     _quiet_prefect_defaults()
     _registry(args)  # fail now, not after the training, when the tracking store is unreachable (or settings are bad)
-    from flows.train import train
+    from flows.train import train  # noqa: PLC0415  # lazy: Prefect (~3 s), only for the commands that run a flow
 
     result = train(args.product, args.data or f"data/{args.product}", args.params, _overrides(args))
     if args.json:
@@ -214,7 +205,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     registry = _registry(args)
     registry.require_product(args.product)
     registry.version(args.product, "challenger")  # "no challenger" before a flow run is started
-    from flows.promote import promote
+    from flows.promote import promote  # noqa: PLC0415  # lazy: Prefect (~3 s), only for the commands that run a flow
 
     result = promote(args.product, args.data, args.params, _overrides(args), allow_random_weights=args.allow_random_weights)
     if args.json:
@@ -234,8 +225,6 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from pipeline.promotion import rollback
-
     result = rollback(_registry(args), args.product)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -247,51 +236,28 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from patchcore import PatchCore
-    from patchcore.viz import write_overlays
-
-    registry = _registry(args)
-    version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
-    model = PatchCore.load(registry.download(args.product, version.version))
-    predictions = model.predict(args.images, maps=not args.no_maps, progress=True)  # tqdm bar on stderr
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [{"path": str(item), "score": float(score), "is_anomalous": bool(score >= model.threshold_),
-             "threshold": model.threshold_} for item, score in zip(predictions.items, predictions.scores)]
-    with open(out / "scores.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps({
-        "product": args.product, "model": registry.model_name(args.product), "version": str(version.version),
-        "alias": args.alias or ("champion" if args.version is None else None), "tracking_uri": registry.uri,
-        "threshold": model.threshold_, "threshold_rule": model.calibration_.get("rule"), "images": rows}, indent=2))
-    written = [] if args.no_maps else write_overlays(predictions.items, predictions.anomaly_maps, out / "heatmaps",
-                                                     model.config.image.resize, model.config.image.crop)
-    flagged = sum(r["is_anomalous"] for r in rows)
-    print(f"{len(rows)} images scored with {registry.model_name(args.product)} v{version.version}: {flagged} anomalous "
-          f"(threshold {model.threshold_:.6g})")
-    print(f"  {out / 'scores.csv'}, {out / 'scores.json'}" + (f", {len(written)} heatmaps in {out / 'heatmaps'}" if written else ""))
+    result = inspect_images(_registry(args), args.product, args.images, args.out, alias=args.alias, version=args.version,
+                            maps=not args.no_maps, progress=True)  # tqdm bar on stderr
+    print(f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
+          f"(threshold {result.threshold:.6g})")
+    print(f"  {result.scores_csv}, {result.scores_json}"
+          + (f", {len(result.heatmaps)} heatmaps in {result.heatmaps[0].parent}" if result.heatmaps else ""))
     return 0
 
 
 @_user_errors
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
-        from patchcore.cli import cmd_evaluate as library_evaluate
-
         if not args.data:
-            from patchcore.config import ConfigError
-
             raise ConfigError("--data is required with --model")
         return library_evaluate(args)
-    from pipeline.promotion import pin_evaluation_set, score_version
-
-    registry = _registry(args)
+    settings = _settings_from(args)
+    registry = _registry(args, settings)
     version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
     data = args.data or version.tags.get("data_root") or f"data/{args.product}"
-    eval_set = pin_evaluation_set(data)
-    scores = score_version(registry, args.product, str(version.version), eval_set)
+    store = Store.from_settings(settings)
+    eval_set = pin_evaluation_set(store, data)
+    scores = score_version(registry, store, args.product, str(version.version), eval_set)
     report = {"product": args.product, "version": str(version.version), "eval_set_sha256": eval_set["eval_set_sha256"],
               "data": data, **scores}
     text = json.dumps(report, indent=2, default=str)
@@ -303,8 +269,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.promotion import status
-
     report = status(_registry(args), args.product)
     if args.json:
         print(json.dumps(report, indent=2))

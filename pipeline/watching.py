@@ -1,5 +1,5 @@
-"""When does new data in a product folder start a retrain? Plain functions, no Prefect, no I/O
-beyond stat-ing a folder, so the debounce is testable on its own.
+"""When does new data in a product folder start a retrain? The watcher's (flows/watch.py) debounce:
+plain functions, no Prefect, no I/O beyond stat-ing a folder, so it is testable on its own.
 
 A *snapshot* is cheap (file count, total bytes, newest mtime; no hashing). The watcher keeps, per
 product, the last snapshot, when it first looked like that, and the snapshot it last fired for.

@@ -7,20 +7,26 @@
     patchcore data reproduce --model NAME [--version N | --alias A]  how to rebuild it
     patchcore data reproduce --record record.json
 
-Great Expectations and MLflow are imported only by the commands that need them.
+Great Expectations and MLflow are imported only by the commands that need them
+(pipeline/validation.py imports Great Expectations when a validation runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from patchcore.config import ConfigError
+from pipeline import config
+from pipeline.data_version import TAG_PREFIX, changed_since, data_version, dir_md5, reproduce_instructions
+from pipeline.validation import accept_reference, validate_image_set
 
 
 def register(sub) -> None:
+    """Add validate and data (version, check, changed, reproduce) to the `patchcore` sub-commands."""
     v = sub.add_parser("validate", help="check a product's nominal images with the Great Expectations suite")
     v.add_argument("folder", help="product folder in MVTec layout (its train/good is checked) or an image folder")
     v.add_argument("--params", help="params.yaml (default ./params.yaml or PATCHCORE_PARAMS)")
@@ -64,11 +70,6 @@ def register(sub) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import shutil
-
-    from pipeline import config
-    from pipeline.validation import accept_reference, validate_image_set
-
     params = config.load(args.params)
     reference = None if args.no_drift else (args.reference or "auto")
     result = validate_image_set(args.folder, params, reference=reference, out_dir=args.out,
@@ -83,8 +84,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from pipeline.data_version import data_version
-
     v = data_version(args.folder)
     if args.json:
         print(json.dumps(v.to_dict(), indent=2))
@@ -95,8 +94,6 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pipeline.data_version import dir_md5
-
     now = dir_md5(args.folder)
     if now == args.md5:
         print(f"{args.folder}: is version {now}")
@@ -106,8 +103,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_changed(args: argparse.Namespace) -> int:
-    from pipeline.data_version import changed_since
-
     since: object = args.since
     if Path(args.since).is_file():
         since = _read_record(Path(args.since))
@@ -117,8 +112,6 @@ def cmd_changed(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from pipeline.data_version import reproduce_instructions
-
     if args.record:
         record, label = _read_record(Path(args.record)), None
     else:
@@ -141,12 +134,10 @@ def _read_record(path: Path) -> dict:
 
 
 def _model_version_tags(name: str, version: str | None, alias: str | None, tracking_uri: str | None) -> tuple[dict, str]:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow import MlflowClient  # noqa: PLC0415  # lazy: mlflow import takes ~3 s, only `data reproduce --model`
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415  # lazy: as above
 
-    from pipeline.data_version import TAG_PREFIX
-
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = (client.get_model_version(name, version) if version
               else client.get_model_version_by_alias(name, alias or "champion"))

@@ -1,0 +1,77 @@
+"""Atomic writes, in one place: a reader sees the old file (or folder) or the whole new one, never
+half of it, and a failed write leaves no temporary file behind.
+
+Every writer of the project (the model's save, the pipeline's store, the registry cache) goes
+through these three functions. Must never import prefect, mlflow, dvc or great_expectations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path` (flushed and fsynced
+    first), on any exception it is removed and `path` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any, default: Callable[[Any], Any] | None = None) -> Path:
+    """`data` as indented, key-sorted JSON, atomically."""
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=default)
+        handle.write("\n")
+    return Path(path)
+
+
+def save_npy(path: str | Path, array: np.ndarray, dtype: Any = np.float32) -> Path:
+    """A C-contiguous .npy of `array` as `dtype` (no pickle), atomically."""
+    with atomic_file(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `directory`; on a clean exit it becomes `directory`
+    (an existing one is swapped out and deleted), on any exception it is deleted."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["atomic_directory", "atomic_file", "save_npy", "write_json"]

@@ -1,0 +1,52 @@
+"""The training steps as plain functions, one module per stage:
+
+    fingerprint -> validate -> split -> extract -> bank (coreset) -> evaluate -> calibrate -> report
+    (+ record: provenance, the training record and its summaries)
+
+The Prefect tasks (tasks/) and the DVC stages (pipeline/stages.py) call exactly these. Each step
+takes a `Store` (pipeline/store.py: where content-addressed outputs live) and typed results of
+the steps before it (pipeline/results.py: paths and content hashes, never arrays), and writes its
+outputs in the store under a name made of the hash of its inputs, so a step whose inputs did not
+change finds its output there and returns at once.
+
+No Prefect and no MLflow here (MLflow lives in pipeline/registry.py).
+"""
+
+from pipeline.steps.bank import bank_key, build_memory_bank, warm_start_source
+from pipeline.steps.calibrate import calibrate, choose_threshold, per_defect_rows
+from pipeline.steps.evaluate import evaluate_bank, score_records
+from pipeline.steps.features import extract_features, feature_identity
+from pipeline.steps.fingerprint import fingerprint_dataset, image_path, load_manifest
+from pipeline.steps.record import provenance, training_record
+from pipeline.steps.report import make_report
+from pipeline.steps.split import CALIBRATION, HOLDOUT, REPORT, TEST, split_dataset
+from pipeline.steps.summary import summary_markdown
+from pipeline.steps.validate import ValidationFailed, accept_validated_set, validate_dataset
+
+__all__ = [
+    "CALIBRATION",
+    "HOLDOUT",
+    "REPORT",
+    "TEST",
+    "ValidationFailed",
+    "accept_validated_set",
+    "bank_key",
+    "build_memory_bank",
+    "calibrate",
+    "choose_threshold",
+    "evaluate_bank",
+    "extract_features",
+    "feature_identity",
+    "fingerprint_dataset",
+    "image_path",
+    "load_manifest",
+    "make_report",
+    "per_defect_rows",
+    "provenance",
+    "score_records",
+    "split_dataset",
+    "summary_markdown",
+    "training_record",
+    "validate_dataset",
+    "warm_start_source",
+]
