@@ -42,38 +42,57 @@ REGISTRY_ALIASES = ("champion", "challenger", "previous")
 def register(sub) -> None:
     """Add train, evaluate, promote, rollback, inspect and status to the `patchcore` sub-commands
     (apps/cli.py). This `evaluate` takes the library's form (--model DIR --data DIR) too."""
-    tr = sub.add_parser("train", help="run the training flow: validate, extract, coreset, evaluate, calibrate, register",
-                        description="Run the Prefect flow `train-product-model`: a product's images become a new "
-                        "registered model version with alias `challenger`.")
+    tr = sub.add_parser(
+        "train",
+        help="run the training flow: validate, extract, coreset, evaluate, calibrate, register",
+        description="Run the Prefect flow `train-product-model`: a product's images become a new "
+        "registered model version with alias `challenger`.",
+    )
     _product(tr)
     tr.add_argument("--data", help="the product's folder in MVTec layout (default data/<product>)")
-    tr.add_argument("--weights", help="backbone weights: imagenet | random | PATH (shortcut for --set model.backbone.weights=...)")
+    tr.add_argument(
+        "--weights", help="backbone weights: imagenet | random | PATH (shortcut for --set model.backbone.weights=...)"
+    )
     _settings(tr)
     tr.add_argument("--json", action="store_true", help="print the result as JSON")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="metrics of a registered version (or a model folder) on labelled images",
-                        description="With --product: score a registered version on the product's test split. "
-                        "With --model: a saved PatchCore folder (the library command).")
+    ev = sub.add_parser(
+        "evaluate",
+        help="metrics of a registered version (or a model folder) on labelled images",
+        description="With --product: score a registered version on the product's test split. "
+        "With --model: a saved PatchCore folder (the library command).",
+    )
     which = ev.add_mutually_exclusive_group(required=True)
     which.add_argument("--product", help="product whose registered model to evaluate")
     which.add_argument("--model", help="a saved PatchCore folder instead of a registered model")
     _version(ev)
-    ev.add_argument("--data", help="MVTec-layout folder whose test/ split is scored (default: the folder the version "
-                                   "was trained on; required with --model)")
+    ev.add_argument(
+        "--data",
+        help="MVTec-layout folder whose test/ split is scored (default: the folder the version "
+        "was trained on; required with --model)",
+    )
     ev.add_argument("--out", help="also write the metrics JSON here")
     ev.add_argument("--params", help="params.yaml (for mlflow.tracking_uri)")
     ev.add_argument("--device", help="auto | cpu | cuda[:N] (with --model)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars (with --model)")
     ev.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("promote", help="run the promotion gate: challenger vs champion on a pinned evaluation set",
-                        description="Run the Prefect flow `promote-product-model`. Exit 0 when the challenger is "
-                        "(or already was) champion, 1 when the gate rejects it.")
+    pr = sub.add_parser(
+        "promote",
+        help="run the promotion gate: challenger vs champion on a pinned evaluation set",
+        description="Run the Prefect flow `promote-product-model`. Exit 0 when the challenger is "
+        "(or already was) champion, 1 when the gate rejects it.",
+    )
     _product(pr)
-    pr.add_argument("--data", help="folder whose test/ split is the evaluation set (default: the challenger's data folder)")
-    pr.add_argument("--allow-random-weights", action="store_true",
-                    help="let a model built on RANDOM backbone weights become champion (demos only)")
+    pr.add_argument(
+        "--data", help="folder whose test/ split is the evaluation set (default: the challenger's data folder)"
+    )
+    pr.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="let a model built on RANDOM backbone weights become champion (demos only)",
+    )
     _settings(pr)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_promote)
@@ -86,7 +105,9 @@ def register(sub) -> None:
 
     ins = sub.add_parser("inspect", help="score a folder of images with a registered model: CSV/JSON + heatmap PNGs")
     _product(ins)
-    ins.add_argument("--images", required=True, help="image folder (recursive), MVTec test/ folder or a text file of paths")
+    ins.add_argument(
+        "--images", required=True, help="image folder (recursive), MVTec test/ folder or a text file of paths"
+    )
     ins.add_argument("--out", required=True, help="output folder: scores.csv, scores.json, heatmaps/")
     _version(ins)
     ins.add_argument("--no-maps", action="store_true", help="skip the heatmap PNGs")
@@ -113,8 +134,13 @@ def _version(p: argparse.ArgumentParser) -> None:
 
 def _settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", help="params.yaml (default ./params.yaml or PATCHCORE_PARAMS)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="override any setting, e.g. model.coreset.fraction=0.05 or promotion.tolerance=0.02 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="override any setting, e.g. model.coreset.fraction=0.05 or promotion.tolerance=0.02 (repeatable)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,9 +194,13 @@ def _quiet_prefect_defaults() -> None:
         if not any(isinstance(f, _RunNameFilter) for f in handler.filters):
             handler.addFilter(_RunNameFilter())
     # The same offline-friendly defaults `make` sets, for people who call the console script directly.
-    for key, value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-                       ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")):
+    for key, value in (
+        ("DO_NOT_TRACK", "true"),
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"),
+    ):
         os.environ.setdefault(key, value)
 
 
@@ -192,9 +222,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("  WARNING: RANDOM backbone weights: not for production; promotion needs --allow-random-weights")
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in m)
     print(f"  {shown or 'no labelled defects: held-out nominal scores only'}")
-    print(f"  threshold {c['threshold']:.6g} ({c['rule']}); held-out FPR {c['heldout_fpr']:.3f}; memory bank "
-          f"{result['bank_size']} patches; features {result['features']['n_extracted']} extracted, "
-          f"{result['features']['n_cached']} cached")
+    print(
+        f"  threshold {c['threshold']:.6g} ({c['rule']}); held-out FPR {c['heldout_fpr']:.3f}; memory bank "
+        f"{result['bank_size']} patches; features {result['features']['n_extracted']} extracted, "
+        f"{result['features']['n_cached']} cached"
+    )
     print(f"  tracking store: {reg['tracking_uri']} (experiment and registered model {reg['name']})")
     return 0
 
@@ -207,13 +239,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
     registry.version(args.product, "challenger")  # "no challenger" before a flow run is started
     from flows.promote import promote  # noqa: PLC0415  # lazy: Prefect (~3 s), only for the commands that run a flow
 
-    result = promote(args.product, args.data, args.params, _overrides(args), allow_random_weights=args.allow_random_weights)
+    result = promote(
+        args.product, args.data, args.params, _overrides(args), allow_random_weights=args.allow_random_weights
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print()
-        print(("PROMOTED: " if result["promote"] else "NOT PROMOTED: " if result.get("outcome") != "unchanged" else "")
-              + result["summary"])
+        print(
+            ("PROMOTED: " if result["promote"] else "NOT PROMOTED: " if result.get("outcome") != "unchanged" else "")
+            + result["summary"]
+        )
         for reason in result.get("reasons", []):
             print(f"  - {reason}")
         for note in result.get("notes", []):
@@ -229,19 +265,33 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"rolled back {args.product}: champion v{result['from_version']} -> v{result['to_version']}; aliases "
-              + ", ".join(f"{a}=v{v}" for a, v in sorted(result["aliases"].items())))
+        print(
+            f"rolled back {args.product}: champion v{result['from_version']} -> v{result['to_version']}; aliases "
+            + ", ".join(f"{a}=v{v}" for a, v in sorted(result["aliases"].items()))
+        )
     return 0
 
 
 @_user_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
-    result = inspect_images(_registry(args), args.product, args.images, args.out, alias=args.alias, version=args.version,
-                            maps=not args.no_maps, progress=True)  # tqdm bar on stderr
-    print(f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
-          f"(threshold {result.threshold:.6g})")
-    print(f"  {result.scores_csv}, {result.scores_json}"
-          + (f", {len(result.heatmaps)} heatmaps in {result.heatmaps[0].parent}" if result.heatmaps else ""))
+    result = inspect_images(
+        _registry(args),
+        args.product,
+        args.images,
+        args.out,
+        alias=args.alias,
+        version=args.version,
+        maps=not args.no_maps,
+        progress=True,
+    )  # tqdm bar on stderr
+    print(
+        f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
+        f"(threshold {result.threshold:.6g})"
+    )
+    print(
+        f"  {result.scores_csv}, {result.scores_json}"
+        + (f", {len(result.heatmaps)} heatmaps in {result.heatmaps[0].parent}" if result.heatmaps else "")
+    )
     return 0
 
 
@@ -258,8 +308,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store = Store.from_settings(settings)
     eval_set = pin_evaluation_set(store, data)
     scores = score_version(registry, store, args.product, str(version.version), eval_set)
-    report = {"product": args.product, "version": str(version.version), "eval_set_sha256": eval_set["eval_set_sha256"],
-              "data": data, **scores}
+    report = {
+        "product": args.product,
+        "version": str(version.version),
+        "eval_set_sha256": eval_set["eval_set_sha256"],
+        "data": data,
+        **scores,
+    }
     text = json.dumps(report, indent=2, default=str)
     if args.out:
         Path(args.out).write_text(text)
@@ -285,9 +340,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 continue
             shown = "  ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items() if v is not None)
             fpr = info["heldout_fpr"]
-            print(f"  {alias:<10} v{info['version']:<4} {shown or 'no labelled metrics'}  threshold "
-                  f"{info['threshold']:.6g} ({info['threshold_rule']})  held-out FPR "
-                  f"{'-' if fpr is None else f'{fpr:.3f}'}  data {info['data_version']}  weights {info['weights']}")
+            print(
+                f"  {alias:<10} v{info['version']:<4} {shown or 'no labelled metrics'}  threshold "
+                f"{info['threshold']:.6g} ({info['threshold_rule']})  held-out FPR "
+                f"{'-' if fpr is None else f'{fpr:.3f}'}  data {info['data_version']}  weights {info['weights']}"
+            )
         if "champion" not in entry["aliases"]:
             print(f"  no champion yet: `patchcore promote --product {product}`")
     return 0

@@ -36,8 +36,7 @@ def register(sub) -> None:
     v.add_argument("--no-docs", action="store_true", help="skip building Data Docs")
     v.add_argument("--no-drift", action="store_true", help="do not compare with the accepted version")
     v.add_argument("--reference", help="drift reference JSON to compare with instead of the accepted one")
-    v.add_argument("--accept", action="store_true",
-                   help="when it passes, make this set the product's drift reference")
+    v.add_argument("--accept", action="store_true", help="when it passes, make this set the product's drift reference")
     v.add_argument("--json", action="store_true", help="print the JSON summary instead of the report")
     v.set_defaults(func=cmd_validate)
 
@@ -72,8 +71,9 @@ def register(sub) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     params = config.load(args.params)
     reference = None if args.no_drift else (args.reference or "auto")
-    result = validate_image_set(args.folder, params, reference=reference, out_dir=args.out,
-                                docs=not args.no_docs, product=args.product)
+    result = validate_image_set(
+        args.folder, params, reference=reference, out_dir=args.out, docs=not args.no_docs, product=args.product
+    )
     if args.docs and result.docs_path:
         shutil.copytree(result.docs_path.parent, args.docs, dirs_exist_ok=True)
         result.summary["data_docs"] = str(Path(args.docs) / "index.html")
@@ -133,17 +133,24 @@ def _read_record(path: Path) -> dict:
     return data.get("data_version", data)
 
 
-def _model_version_tags(name: str, version: str | None, alias: str | None, tracking_uri: str | None) -> tuple[dict, str]:
+def _model_version_tags(
+    name: str, version: str | None, alias: str | None, tracking_uri: str | None
+) -> tuple[dict, str]:
     from mlflow import MlflowClient  # noqa: PLC0415  # lazy: mlflow import takes ~3 s, only `data reproduce --model`
     from mlflow.exceptions import MlflowException  # noqa: PLC0415  # lazy: as above
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        mv = (client.get_model_version(name, version) if version
-              else client.get_model_version_by_alias(name, alias or "champion"))
+        mv = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, alias or "champion")
+        )
     except MlflowException as exc:
-        raise ConfigError(f"model {name!r} {'version ' + version if version else '@' + (alias or 'champion')}: "
-                          f"not found in the registry ({exc.message})") from None
+        raise ConfigError(
+            f"model {name!r} {'version ' + version if version else '@' + (alias or 'champion')}: "
+            f"not found in the registry ({exc.message})"
+        ) from None
     tags = dict(mv.tags or {})
     if not any(k.startswith(TAG_PREFIX) for k in tags) and mv.run_id:
         tags = dict(client.get_run(mv.run_id).data.tags)  # recorded on the training run only

@@ -67,7 +67,7 @@ HOW_TO_GET_REFERENCE = (
 # Runs inside the reference process. Written to a scratch dir and executed with
 # PYTHONPATH=<reference src>; it talks to us through JSON in and .npz out.
 REFERENCE_RUNNER = textwrap.dedent(
-    r'''
+    r"""
     import json, sys, time
     from pathlib import Path
 
@@ -153,7 +153,7 @@ REFERENCE_RUNNER = textwrap.dedent(
         setup_seconds=t0 - t_start,
         patchcore_file=str(where),
     )
-    '''
+    """
 )
 
 
@@ -181,14 +181,17 @@ def mtd_images(root: Path, n_train: int, n_test: int) -> tuple[list[Path], list[
     return [root / p for p in train], [root / p for p in good + defect], [0] * len(good) + [1] * len(defect)
 
 
-def synthetic_images(root: Path, n_train: int, n_test: int, size_px: int, seed: int) -> tuple[list[Path], list[Path], list[int]]:
+def synthetic_images(
+    root: Path, n_train: int, n_test: int, size_px: int, seed: int
+) -> tuple[list[Path], list[Path], list[int]]:
     from patchcore.synthetic import DEFECT_TYPES, generate_product
 
     n_good = n_test // 2
     n_defect = n_test - n_good
     per_type = math.ceil(n_defect / len(DEFECT_TYPES))
-    folder = generate_product(root, "tiles", n_train=n_train, n_test_good=n_good, n_test_defect=per_type,
-                              size_px=size_px, seed=seed)
+    folder = generate_product(
+        root, "tiles", n_train=n_train, n_test_good=n_good, n_test_defect=per_type, size_px=size_px, seed=seed
+    )
     train = sorted((folder / "train" / "good").glob("*.png"))
     good = sorted((folder / "test" / "good").glob("*.png"))
     by_type = [sorted((folder / "test" / d).glob("*.png")) for d in DEFECT_TYPES]
@@ -216,7 +219,9 @@ def resolve_reference(arg: str | None, scratch: Path) -> tuple[Path, str | None]
     if src:
         src = Path(src).expanduser().resolve()
         if not (src / "patchcore" / "patchcore.py").is_file():
-            raise SetupError(f"{src} is not the reference's src folder (no patchcore/patchcore.py in it)\n{HOW_TO_GET_REFERENCE}")
+            raise SetupError(
+                f"{src} is not the reference's src folder (no patchcore/patchcore.py in it)\n{HOW_TO_GET_REFERENCE}"
+            )
         return src, None
     if not MIRROR.is_dir():
         raise SetupError(f"{HOW_TO_GET_REFERENCE}")
@@ -224,8 +229,9 @@ def resolve_reference(arg: str | None, scratch: Path) -> tuple[Path, str | None]
     export.mkdir()
     archive = subprocess.run(["git", f"--git-dir={MIRROR}", "archive", "HEAD", "src"], check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", str(export)], input=archive.stdout, check=True)
-    commit = subprocess.run(["git", f"--git-dir={MIRROR}", "rev-parse", "HEAD"], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", f"--git-dir={MIRROR}", "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     return export / "src", commit
 
 
@@ -247,10 +253,15 @@ def run_reference(src: Path, job: dict, scratch: Path) -> dict:
         raise SetupError(f"the reference implementation failed (exit {proc.returncode}); see its output above")
     out = np.load(job["out"])
     return {
-        "scores": out["scores"], "maps": out["maps"], "bank_shape": [int(v) for v in out["bank_shape"]],
-        "bank": out["bank"], "test_features": out["test_features"],
-        "fit_seconds": float(out["fit_seconds"]), "predict_seconds": float(out["predict_seconds"]),
-        "setup_seconds": float(out["setup_seconds"]), "process_wall_seconds": wall,
+        "scores": out["scores"],
+        "maps": out["maps"],
+        "bank_shape": [int(v) for v in out["bank_shape"]],
+        "bank": out["bank"],
+        "test_features": out["test_features"],
+        "fit_seconds": float(out["fit_seconds"]),
+        "predict_seconds": float(out["predict_seconds"]),
+        "setup_seconds": float(out["setup_seconds"]),
+        "process_wall_seconds": wall,
         "patchcore_file": str(out["patchcore_file"]),
     }
 
@@ -263,15 +274,26 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
 
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
-    cfg = PatchCoreConfig.from_dict({
-        "backbone": {"name": job["backbone"], "layers": job["layers"], "weights": job["weights"]},
-        "image": {"resize": job["resize"], "crop": job["crop"]},
-        "features": {"patch_size": job["patch_size"], "pretrain_dim": job["pretrain_dim"], "target_dim": job["target_dim"]},
-        "coreset": coreset or {"method": "identity", "fraction": 1.0},
-        "scoring": {"k": 1, "distance": "squared", "reweight": False, "knn_backend": knn_backend,
-                    "smoothing_sigma": 4.0},
-        "runtime": {"device": "cpu", "batch_size": job["batch_size"], "num_workers": num_workers},
-    })
+    cfg = PatchCoreConfig.from_dict(
+        {
+            "backbone": {"name": job["backbone"], "layers": job["layers"], "weights": job["weights"]},
+            "image": {"resize": job["resize"], "crop": job["crop"]},
+            "features": {
+                "patch_size": job["patch_size"],
+                "pretrain_dim": job["pretrain_dim"],
+                "target_dim": job["target_dim"],
+            },
+            "coreset": coreset or {"method": "identity", "fraction": 1.0},
+            "scoring": {
+                "k": 1,
+                "distance": "squared",
+                "reweight": False,
+                "knn_backend": knn_backend,
+                "smoothing_sigma": 4.0,
+            },
+            "runtime": {"device": "cpu", "batch_size": job["batch_size"], "num_workers": num_workers},
+        }
+    )
     model = PatchCore(cfg)
     model._setup()  # build the backbone now, so fit_seconds is comparable with the reference's
     t0 = time.perf_counter()
@@ -289,19 +311,28 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
     pred = model.predict(job["test"], maps=True, progress=False)
     t2 = time.perf_counter()
     return {
-        "scores": np.asarray(pred.scores, dtype=np.float64), "maps": pred.anomaly_maps,
-        "bank": np.asarray(model.memory_bank_, dtype=np.float32), "test_features": np.concatenate(captured),
-        "bank_shape": list(model.memory_bank_.shape), "fit_seconds": t1 - t0, "predict_seconds": t2 - t1,
-        "setup_seconds": t0 - start, "patchcore_file": str(Path(patchcore.__file__).resolve()),
+        "scores": np.asarray(pred.scores, dtype=np.float64),
+        "maps": pred.anomaly_maps,
+        "bank": np.asarray(model.memory_bank_, dtype=np.float32),
+        "test_features": np.concatenate(captured),
+        "bank_shape": list(model.memory_bank_.shape),
+        "fit_seconds": t1 - t0,
+        "predict_seconds": t2 - t1,
+        "setup_seconds": t0 - start,
+        "patchcore_file": str(Path(patchcore.__file__).resolve()),
         "knn_backend": model.index_.name,
-        "knn_settled_by_bound": (round(model.index_.stats["settled"] / max(1, model.index_.stats["queries"]), 4)
-                                 if hasattr(model.index_, "stats") else None),
+        "knn_settled_by_bound": (
+            round(model.index_.stats["settled"] / max(1, model.index_.stats["queries"]), 4)
+            if hasattr(model.index_, "stats")
+            else None
+        ),
     }
 
 
 # -- comparison -----------------------------------------------------------------------------------
-def compare_scores(ours: np.ndarray, ref: np.ndarray, min_spearman: float = MIN_SPEARMAN,
-                   max_rel_diff: float = MAX_REL_DIFF) -> dict:
+def compare_scores(
+    ours: np.ndarray, ref: np.ndarray, min_spearman: float = MIN_SPEARMAN, max_rel_diff: float = MAX_REL_DIFF
+) -> dict:
     """Spearman, rank identity and max relative difference (relative to the reference)."""
     from scipy.stats import rankdata, spearmanr
 
@@ -319,10 +350,15 @@ def compare_scores(ours: np.ndarray, ref: np.ndarray, min_spearman: float = MIN_
         "all_finite": bool(np.isfinite(ours).all() and np.isfinite(ref).all()),
     }
     return {
-        "spearman": rho, "same_ranking": same_ranking, "max_rel_diff": max_rel, "mean_rel_diff": float(rel.mean()),
-        "max_abs_diff": float(np.abs(ours - ref).max()), "rel_diff": rel.tolist(),
+        "spearman": rho,
+        "same_ranking": same_ranking,
+        "max_rel_diff": max_rel,
+        "mean_rel_diff": float(rel.mean()),
+        "max_abs_diff": float(np.abs(ours - ref).max()),
+        "rel_diff": rel.tolist(),
         "thresholds": {"min_spearman": min_spearman, "max_rel_diff": max_rel_diff},
-        "checks": checks, "passed": all(checks.values()),
+        "checks": checks,
+        "passed": all(checks.values()),
     }
 
 
@@ -335,7 +371,8 @@ def compare_maps(ours: np.ndarray, ref: np.ndarray) -> dict:
     positive = np.abs(ref) > 0
     argmax_same = [bool(np.argmax(o) == np.argmax(r)) for o, r in zip(ours, ref)]
     return {
-        "comparable": True, "shape": list(ours.shape),
+        "comparable": True,
+        "shape": list(ours.shape),
         "max_abs_diff": float(diff.max()),
         "reference_max_value": float(np.abs(ref).max()),
         "max_abs_diff_over_reference_max": float(diff.max() / np.abs(ref).max()),
@@ -357,10 +394,10 @@ def exact_scores(features: np.ndarray, bank: np.ndarray, n_images: int, shortlis
     nearest = np.empty(len(features))
     bank64 = bank.astype(np.float64)
     for start in range(0, len(features), 2048):
-        q = np.ascontiguousarray(features[start:start + 2048], dtype=np.float32)
+        q = np.ascontiguousarray(features[start : start + 2048], dtype=np.float32)
         _, candidates = index.search(q, min(shortlist, len(bank)))
         exact = ((bank64[candidates] - q.astype(np.float64)[:, None, :]) ** 2).sum(-1)
-        nearest[start:start + len(q)] = exact.min(1)
+        nearest[start : start + len(q)] = exact.min(1)
     return nearest.reshape(n_images, -1).max(1)
 
 
@@ -377,23 +414,30 @@ def compare_features(ours: dict, ref: dict, n_images: int) -> dict:
             out[name] = {"comparable": False, "shape_ours": list(a.shape), "shape_reference": list(b.shape)}
             continue
         row_rel = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
-        out[name] = {"comparable": True, "shape": list(a.shape), "max_abs_diff": float(np.abs(a - b).max()),
-                     "max_abs_value": float(np.abs(b).max()), "max_row_rel_l2_diff": float(row_rel.max()),
-                     "mean_row_sq_norm": float((b * b).sum(1).mean())}
+        out[name] = {
+            "comparable": True,
+            "shape": list(a.shape),
+            "max_abs_diff": float(np.abs(a - b).max()),
+            "max_abs_value": float(np.abs(b).max()),
+            "max_row_rel_l2_diff": float(row_rel.max()),
+            "mean_row_sq_norm": float((b * b).sum(1).mean()),
+        }
         del a, b
     if out["bank"].get("comparable") and out["test_features"].get("comparable"):
         exact_ours = exact_scores(ours["test_features"], ours["bank"], n_images)
         exact_ref = exact_scores(ref["test_features"], ref["bank"], n_images)
         rel = lambda a, b: float(np.max(np.abs(a - b) / np.abs(b)))  # noqa: E731
         out["exact_float64_scores"] = {
-            "ours": exact_ours.tolist(), "reference": exact_ref.tolist(),
+            "ours": exact_ours.tolist(),
+            "reference": exact_ref.tolist(),
             "max_rel_diff_ours_vs_reference": rel(exact_ours, exact_ref),
             "spearman_ours_vs_reference": float(spearmanr(exact_ours, exact_ref).statistic) if n_images > 1 else 1.0,
             # How far each implementation's reported score is from the exact one for its own features:
             "max_rel_error_ours": rel(ours["scores"], exact_ours),
             "max_rel_error_reference": rel(ref["scores"], exact_ref),
-            "min_nn_distance_over_mean_sq_norm": float(min(exact_ref.min(), exact_ours.min())
-                                                         / out["test_features"]["mean_row_sq_norm"]),
+            "min_nn_distance_over_mean_sq_norm": float(
+                min(exact_ref.min(), exact_ours.min()) / out["test_features"]["mean_row_sq_norm"]
+            ),
         }
     return out
 
@@ -407,8 +451,11 @@ def library_fingerprint() -> dict:
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return {"patchcore_sources_sha256": digest.hexdigest(), "n_files": len(files),
-            "git_head": git.stdout.strip() if git.returncode == 0 else None}
+    return {
+        "patchcore_sources_sha256": digest.hexdigest(),
+        "n_files": len(files),
+        "git_head": git.stdout.strip() if git.returncode == 0 else None,
+    }
 
 
 def environment(threads: int) -> dict:
@@ -420,8 +467,14 @@ def environment(threads: int) -> dict:
 
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name")) or cpu
+        cpu = (
+            next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
+            or cpu
+        )
     except (OSError, StopIteration):
         pass
     try:
@@ -429,24 +482,48 @@ def environment(threads: int) -> dict:
     except (ValueError, OSError):
         mem = None
     return {
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                    "torch_threads": threads, "memory_gib": round(mem, 1) if mem else None, "device": "cpu"},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-                     "scipy": scipy.__version__, "pillow": PIL.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": threads,
+            "memory_gib": round(mem, 1) if mem else None,
+            "device": "cpu",
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "pillow": PIL.__version__,
+        },
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Examples:" + __doc__.split("Examples:")[1])
-    parser.add_argument("--reference-src", help="exported reference `src` folder (default: $PATCHCORE_REFERENCE_SRC, "
-                        f"else exported from the mirror {MIRROR} into a temp dir)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MTD folder with split.json (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:" + __doc__.split("Examples:")[1],
+    )
+    parser.add_argument(
+        "--reference-src",
+        help="exported reference `src` folder (default: $PATCHCORE_REFERENCE_SRC, "
+        f"else exported from the mirror {MIRROR} into a temp dir)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="MTD folder with split.json (default: %(default)s)"
+    )
     parser.add_argument("--synthetic", action="store_true", help="use patchcore.synthetic images instead of --data")
-    parser.add_argument("--synthetic-size", type=int, default=256, help="synthetic image side in px (default: %(default)s)")
+    parser.add_argument(
+        "--synthetic-size", type=int, default=256, help="synthetic image side in px (default: %(default)s)"
+    )
     parser.add_argument("--n-train", type=int, default=40, help="training images (default: %(default)s)")
-    parser.add_argument("--n-test", type=int, default=40, help="test images, half good half defect (default: %(default)s)")
+    parser.add_argument(
+        "--n-test", type=int, default=40, help="test images, half good half defect (default: %(default)s)"
+    )
     parser.add_argument("--backbone", default="wide_resnet50_2", help="torchvision architecture (default: %(default)s)")
     parser.add_argument("--layers", default="layer2,layer3", help="comma-separated layers (default: %(default)s)")
     parser.add_argument("--resize", type=int, default=256)
@@ -456,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-dim", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random backbone weights and synthetic data")
-    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8), help="torch/faiss threads, both sides")
+    parser.add_argument(
+        "--threads", type=int, default=min(os.cpu_count() or 1, 8), help="torch/faiss threads, both sides"
+    )
     parser.add_argument("--knn-backend", default="auto", help="our scoring.knn_backend (default: the product default)")
     parser.add_argument("--min-spearman", type=float, default=MIN_SPEARMAN)
     parser.add_argument("--max-rel-diff", type=float, default=MAX_REL_DIFF)
@@ -484,22 +563,42 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             data_root = scratch / "data"
             train, test, labels = synthetic_images(data_root, args.n_train, args.n_test, args.synthetic_size, args.seed)
             data_root = data_root / "tiles"
-            dataset = {"kind": "synthetic", "generator": "patchcore.synthetic.generate_product", "product": "tiles",
-                       "size_px": args.synthetic_size, "seed": args.seed}
+            dataset = {
+                "kind": "synthetic",
+                "generator": "patchcore.synthetic.generate_product",
+                "product": "tiles",
+                "size_px": args.synthetic_size,
+                "seed": args.seed,
+            }
         else:
             data_root = args.data.resolve()
             train, test, labels = mtd_images(data_root, args.n_train, args.n_test)
-            dataset = {"kind": "mtd", "root": str(data_root), "split": "split.json",
-                       "selection": "evenly spaced over split.json train / test_good / test_defect"}
+            dataset = {
+                "kind": "mtd",
+                "root": str(data_root),
+                "split": "split.json",
+                "selection": "evenly spaced over split.json train / test_good / test_defect",
+            }
         weights, weights_sha, weights_seconds = write_weights(scratch, args.backbone, args.seed)
         job = {
-            "backbone": args.backbone, "layers": [s.strip() for s in args.layers.split(",") if s.strip()],
-            "weights": str(weights), "resize": args.resize, "crop": args.crop, "patch_size": args.patch_size,
-            "pretrain_dim": args.pretrain_dim, "target_dim": args.target_dim, "batch_size": args.batch_size,
-            "threads": args.threads, "train": [str(p) for p in train], "test": [str(p) for p in test],
+            "backbone": args.backbone,
+            "layers": [s.strip() for s in args.layers.split(",") if s.strip()],
+            "weights": str(weights),
+            "resize": args.resize,
+            "crop": args.crop,
+            "patch_size": args.patch_size,
+            "pretrain_dim": args.pretrain_dim,
+            "target_dim": args.target_dim,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "train": [str(p) for p in train],
+            "test": [str(p) for p in test],
         }
-        print(f"{len(train)} train / {len(test)} test images, {args.backbone} {job['layers']} random weights "
-              f"(seed {args.seed}, sha256 {weights_sha[:12]}), {args.resize}->{args.crop}", flush=True)
+        print(
+            f"{len(train)} train / {len(test)} test images, {args.backbone} {job['layers']} random weights "
+            f"(seed {args.seed}, sha256 {weights_sha[:12]}), {args.resize}->{args.crop}",
+            flush=True,
+        )
         print(f"reference: {ref_src}", flush=True)
         ref = run_reference(ref_src, job, scratch)
         ours = run_ours(job, knn_backend=args.knn_backend)
@@ -521,24 +620,35 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     print(f"\n{'image':<44} {'label':>5} {'ours':>14} {'reference':>14} {'rel diff':>10}")
     for i, p in enumerate(test):
-        print(f"{rel(p)[-44:]:<44} {labels[i]:>5} {ours['scores'][i]:>14.6g} {ref['scores'][i]:>14.6g} {scores['rel_diff'][i]:>10.2e}")
+        print(
+            f"{rel(p)[-44:]:<44} {labels[i]:>5} {ours['scores'][i]:>14.6g} {ref['scores'][i]:>14.6g} "
+            f"{scores['rel_diff'][i]:>10.2e}"
+        )
     print(f"\nmemory bank: ours {ours['bank_shape']}, reference {ref['bank_shape']}")
-    print(f"Spearman {scores['spearman']:.8f} (>= {args.min_spearman})  same ranking: {scores['same_ranking']}  "
-          f"max rel diff {scores['max_rel_diff']:.3e} (<= {args.max_rel_diff:g})")
+    print(
+        f"Spearman {scores['spearman']:.8f} (>= {args.min_spearman})  same ranking: {scores['same_ranking']}  "
+        f"max rel diff {scores['max_rel_diff']:.3e} (<= {args.max_rel_diff:g})"
+    )
     if maps.get("comparable"):
-        print(f"maps {maps['shape']}: max abs diff {maps['max_abs_diff']:.3e} "
-              f"(reference max {maps['reference_max_value']:.4g}, ratio {maps['max_abs_diff_over_reference_max']:.3e}), "
-              f"max pixel rel diff {maps['max_pixel_rel_diff']:.3e}")
+        print(
+            f"maps {maps['shape']}: max abs diff {maps['max_abs_diff']:.3e} "
+            f"(reference max {maps['reference_max_value']:.4g}, ratio {maps['max_abs_diff_over_reference_max']:.3e}), "
+            f"max pixel rel diff {maps['max_pixel_rel_diff']:.3e}"
+        )
     else:
         print(f"maps not comparable: {maps}")
     if "exact_float64_scores" in features:
         fx = features["exact_float64_scores"]
-        print(f"diagnostic: test embeddings max row rel L2 diff {features['test_features']['max_row_rel_l2_diff']:.2e}, "
-              f"bank {features['bank']['max_row_rel_l2_diff']:.2e}; exact float64 scores from each side's own "
-              f"features: ours vs reference max rel diff {fx['max_rel_diff_ours_vs_reference']:.2e}; reported vs exact: "
-              f"ours {fx['max_rel_error_ours']:.2e}, reference {fx['max_rel_error_reference']:.2e}")
-    print(f"time: ours fit {ours['fit_seconds']:.1f}s predict {ours['predict_seconds']:.1f}s | reference fit "
-          f"{ref['fit_seconds']:.1f}s predict {ref['predict_seconds']:.1f}s (process {ref['process_wall_seconds']:.1f}s)")
+        print(
+            f"diagnostic: test embeddings max row rel L2 diff {features['test_features']['max_row_rel_l2_diff']:.2e}, "
+            f"bank {features['bank']['max_row_rel_l2_diff']:.2e}; exact float64 scores from each side's own "
+            f"features: ours vs reference max rel diff {fx['max_rel_diff_ours_vs_reference']:.2e}; reported vs exact: "
+            f"ours {fx['max_rel_error_ours']:.2e}, reference {fx['max_rel_error_reference']:.2e}"
+        )
+    print(
+        f"time: ours fit {ours['fit_seconds']:.1f}s predict {ours['predict_seconds']:.1f}s | reference fit "
+        f"{ref['fit_seconds']:.1f}s predict {ref['predict_seconds']:.1f}s (process {ref['process_wall_seconds']:.1f}s)"
+    )
     print("PASS" if scores["passed"] else f"FAIL: {[k for k, v in scores['checks'].items() if not v]}")
 
     fx = features.get("exact_float64_scores")
@@ -546,52 +656,91 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if fx:
         diagnosis = (
             f"embeddings agree to {features['test_features']['max_row_rel_l2_diff']:.1e} (row-relative L2), bank to "
-            f"{features['bank']['max_row_rel_l2_diff']:.1e}; exact float64 scores from each side's own features agree to "
+            f"{features['bank']['max_row_rel_l2_diff']:.1e}; exact float64 scores from each side's own features "
+            "agree to "
             f"{fx['max_rel_diff_ours_vs_reference']:.1e}. Reported scores deviate from those exact scores by "
-            f"{fx['max_rel_error_ours']:.1e} (ours) and {fx['max_rel_error_reference']:.1e} (reference): faiss computes "
+            f"{fx['max_rel_error_ours']:.1e} (ours) and {fx['max_rel_error_reference']:.1e} (reference): "
+            "faiss computes "
             "|q|^2+|b|^2-2q.b in float32, and the smallest nearest-neighbour distance here is only "
-            f"{fx['min_nn_distance_over_mean_sq_norm']:.1e} of a feature's squared norm.")
+            f"{fx['min_nn_distance_over_mean_sq_norm']:.1e} of a feature's squared norm."
+        )
     env = environment(args.threads)
     if library_fingerprint() != library:
         print("warning: patchcore/*.py changed while this ran; the numbers may mix two versions", file=sys.stderr)
         library["changed_during_run"] = True
     result = {
         "benchmark": "faithfulness",
-        "description": "image scores of this library vs the reference implementation, same weights and images, coreset off",
+        "description": (
+            "image scores of this library vs the reference implementation, same weights and images, coreset off"
+        ),
         "passed": scores["passed"],
         "settings": {
-            "backbone": args.backbone, "layers": job["layers"], "weights": "random init, torch.manual_seed(seed) "
-            "then torchvision.models.get_model(backbone, weights=None), saved as state_dict", "seed": args.seed,
-            "resize": args.resize, "crop": args.crop, "patch_size": args.patch_size, "pretrain_dim": args.pretrain_dim,
-            "target_dim": args.target_dim, "k": 1, "distance": "squared L2", "smoothing_sigma": 4.0,
+            "backbone": args.backbone,
+            "layers": job["layers"],
+            "weights": "random init, torch.manual_seed(seed) "
+            "then torchvision.models.get_model(backbone, weights=None), saved as state_dict",
+            "seed": args.seed,
+            "resize": args.resize,
+            "crop": args.crop,
+            "patch_size": args.patch_size,
+            "pretrain_dim": args.pretrain_dim,
+            "target_dim": args.target_dim,
+            "k": 1,
+            "distance": "squared L2",
+            "smoothing_sigma": 4.0,
             "coreset": {"ours": "identity (fraction 1.0)", "reference": "IdentitySampler"},
-            "knn": {"ours": f"scoring.knn_backend={args.knn_backend} (ran: {ours['knn_backend']}), distances as "
-                            "PatchCore.patch_scores returns them",
-                    "reference": "FaissNN(on_gpu=False): IndexFlatL2 distances as returned"},
-            "batch_size": args.batch_size, "threads": args.threads, "device": "cpu",
+            "knn": {
+                "ours": f"scoring.knn_backend={args.knn_backend} (ran: {ours['knn_backend']}), distances as "
+                "PatchCore.patch_scores returns them",
+                "reference": "FaissNN(on_gpu=False): IndexFlatL2 distances as returned",
+            },
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": "cpu",
         },
         "weights_sha256": weights_sha,
         "dataset": dataset,
-        "n_train": len(train), "n_test": len(test), "n_test_good": labels.count(0), "n_test_defect": labels.count(1),
-        "reference": {"src": "exported from mirror" if ref_commit else str(ref_src),
-                      "repository": "https://github.com/amazon-science/patchcore-inspection", "commit": ref_commit,
-                      "version": ref_version},
-        "packages": {"ours": str(Path(ours["patchcore_file"]).relative_to(REPO)) if REPO in Path(ours["patchcore_file"]).parents
-                     else ours["patchcore_file"], "reference": "patchcore/__init__.py of the reference src (checked in its process)"},
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_test_good": labels.count(0),
+        "n_test_defect": labels.count(1),
+        "reference": {
+            "src": "exported from mirror" if ref_commit else str(ref_src),
+            "repository": "https://github.com/amazon-science/patchcore-inspection",
+            "commit": ref_commit,
+            "version": ref_version,
+        },
+        "packages": {
+            "ours": str(Path(ours["patchcore_file"]).relative_to(REPO))
+            if REPO in Path(ours["patchcore_file"]).parents
+            else ours["patchcore_file"],
+            "reference": "patchcore/__init__.py of the reference src (checked in its process)",
+        },
         "library": library,
         "memory_bank_shape": {"ours": ours["bank_shape"], "reference": ref["bank_shape"]},
         "image_scores": {k: v for k, v in scores.items() if k != "rel_diff"},
         "anomaly_maps": maps,
         "diagnostic": features,
         "diagnosis": diagnosis,
-        "per_image": [{"path": rel(p), "label": labels[i], "ours": float(ours["scores"][i]),
-                       "reference": float(ref["scores"][i]), "rel_diff": scores["rel_diff"][i]}
-                      for i, p in enumerate(test)],
+        "per_image": [
+            {
+                "path": rel(p),
+                "label": labels[i],
+                "ours": float(ours["scores"][i]),
+                "reference": float(ref["scores"][i]),
+                "rel_diff": scores["rel_diff"][i],
+            }
+            for i, p in enumerate(test)
+        ],
         "wall_seconds": {
             "write_weights": weights_seconds,
             "ours": {"setup": ours["setup_seconds"], "fit": ours["fit_seconds"], "predict": ours["predict_seconds"]},
-            "reference": {"setup": ref["setup_seconds"], "fit": ref["fit_seconds"], "predict": ref["predict_seconds"],
-                          "process": ref["process_wall_seconds"]},
+            "reference": {
+                "setup": ref["setup_seconds"],
+                "fit": ref["fit_seconds"],
+                "predict": ref["predict_seconds"],
+                "process": ref["process_wall_seconds"],
+            },
         },
         **env,
         "command": " ".join(["python", "bench/faithfulness.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -32,8 +32,13 @@ from patchcore import PatchCore, PatchCoreConfig  # noqa: E402
 from patchcore import coreset as coreset_lib  # noqa: E402
 from patchcore import model as model_lib  # noqa: E402
 
-STAGES = [(coreset_lib, "_prepare"), (coreset_lib, "_initial_sq_distances"), (coreset_lib, "_tree_order"),
-          (coreset_lib, "_greedy_blocked"), (model_lib, "_read_rows")]
+STAGES = [
+    (coreset_lib, "_prepare"),
+    (coreset_lib, "_initial_sq_distances"),
+    (coreset_lib, "_tree_order"),
+    (coreset_lib, "_greedy_blocked"),
+    (model_lib, "_read_rows"),
+]
 LOOP = "_greedy_blocked"
 
 
@@ -77,6 +82,7 @@ class Sampler:
             finally:
                 # extraction is over once any marked stage has run: what follows is the fit's rest
                 self.stage = "rest of fit" if outer == "extraction" else outer
+
         setattr(module, name, wrapper)
 
     def mark_blocks(self) -> None:
@@ -88,6 +94,7 @@ class Sampler:
                 init(obj, *args, **kwargs)
             finally:
                 self.stage = "rest of fit" if outer == "extraction" else outer
+
         coreset_lib._Blocks.__init__ = wrapper
 
     def summary(self) -> dict:
@@ -126,11 +133,18 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*random.*weights.*")
 
     train, _ = load_split(Path(args.data))
-    cfg = PatchCoreConfig.from_dict({
-        "backbone": {"name": args.backbone, "layers": args.layers.split(",") if args.layers else None,
-                     "weights": args.weights},
-        "image": {"resize": args.resize, "crop": args.crop},
-        "coreset": {"fraction": args.fraction}, "runtime": {"device": "cpu"}})
+    cfg = PatchCoreConfig.from_dict(
+        {
+            "backbone": {
+                "name": args.backbone,
+                "layers": args.layers.split(",") if args.layers else None,
+                "weights": args.weights,
+            },
+            "image": {"resize": args.resize, "crop": args.crop},
+            "coreset": {"fraction": args.fraction},
+            "runtime": {"device": "cpu"},
+        }
+    )
     sampler = Sampler(args.interval, args.stop_after_loop)
     for module, name in STAGES:
         sampler.mark(module, name)
@@ -150,17 +164,25 @@ def main(argv=None) -> None:
     thread.join()
     result = {
         "benchmark": "fit peak RSS by stage (bench/fit_memory.py)",
-        "label": args.label, "settings": cfg.to_dict(), "n_train_images": len(train),
+        "label": args.label,
+        "settings": cfg.to_dict(),
+        "n_train_images": len(train),
         "completed": completed,
         "stopped_after_loop_seconds": None if completed else args.stop_after_loop,
-        "peak_rss_mib": sampler.read()[1], "stages": sampler.summary(),
-        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "peak_rss_mib": sampler.read()[1],
+        "stages": sampler.summary(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     for stage, entry in result["stages"].items():
         print(f"{stage:24s} {entry['first_s']:8.1f}-{entry['last_s']:8.1f} s  peak RSS {entry['peak_rss_mib']:6d} MiB")
-    print(f"peak RSS (VmHWM) {result['peak_rss_mib']} MiB" + ("" if completed else
-          f" (stopped {args.stop_after_loop} s into the selection loop)"))
-    out = Path(args.out or REPO / "bench" / "results" / f"fit_memory_{args.label}-{round(args.fraction * 100)}pct_cpu.json")
+    print(
+        f"peak RSS (VmHWM) {result['peak_rss_mib']} MiB"
+        + ("" if completed else f" (stopped {args.stop_after_loop} s into the selection loop)")
+    )
+    out = Path(
+        args.out or REPO / "bench" / "results" / f"fit_memory_{args.label}-{round(args.fraction * 100)}pct_cpu.json"
+    )
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -41,12 +41,21 @@ def run_training(data: Path, params, warm_start: bool) -> dict:
     split = steps.split_dataset(store, fp, params.pipeline)
     features = steps.extract_features(store, fp, split, params.model)
     bank = steps.build_memory_bank(store, fp, split, features, params.model, warm_start=warm_start)
-    return {"bank_dir": bank.bank_dir, "feature_dir": features.feature_dir, "continued": bank.coreset_continued,
-            "seconds_coreset_selection": round(bank.coreset_seconds, 2), "n_train": fp.n_train,
-            "n_bank_images": split.n_bank, "n_extracted": features.n_extracted,
-            "n_reused": features.n_cached, "seconds_fingerprint": round(fp.seconds, 2),
-            "seconds_extract": round(features.seconds, 2), "seconds_bank": round(bank.seconds, 2),
-            "seconds_total": round(time.perf_counter() - start, 2), "bank_size": bank.bank_size}
+    return {
+        "bank_dir": bank.bank_dir,
+        "feature_dir": features.feature_dir,
+        "continued": bank.coreset_continued,
+        "seconds_coreset_selection": round(bank.coreset_seconds, 2),
+        "n_train": fp.n_train,
+        "n_bank_images": split.n_bank,
+        "n_extracted": features.n_extracted,
+        "n_reused": features.n_cached,
+        "seconds_fingerprint": round(fp.seconds, 2),
+        "seconds_extract": round(features.seconds, 2),
+        "seconds_bank": round(bank.seconds, 2),
+        "seconds_total": round(time.perf_counter() - start, 2),
+        "bank_size": bank.bank_size,
+    }
 
 
 def covering_radius(run: dict, config) -> float:
@@ -79,14 +88,22 @@ def main() -> None:
     from pipeline.config import load_settings
 
     n_new = max(1, round(args.n * args.new_fraction))
-    params = load_settings(ROOT / "params.yaml", {"model.backbone.name": args.backbone, "model.backbone.weights": "random",
-                                                  "model.coreset.fraction": args.coreset,
-                                                  "model.runtime.device": "cpu", "model.runtime.num_workers": 0})
+    params = load_settings(
+        ROOT / "params.yaml",
+        {
+            "model.backbone.name": args.backbone,
+            "model.backbone.weights": "random",
+            "model.coreset.fraction": args.coreset,
+            "model.runtime.device": "cpu",
+            "model.runtime.num_workers": 0,
+        },
+    )
     with tempfile.TemporaryDirectory(prefix="incremental-bench-") as tmp:
         tmp = Path(tmp)
         # One generated set; the last n_new train images are held back as the "new" ones (same distribution).
-        full = generate_product(tmp / "gen", "bench", n_train=args.n + n_new, n_test_good=2, n_test_defect=2,
-                                size_px=args.size, seed=0)
+        full = generate_product(
+            tmp / "gen", "bench", n_train=args.n + n_new, n_test_good=2, n_test_defect=2, size_px=args.size, seed=0
+        )
         data = tmp / "data" / "bench"
         shutil.copytree(full, data)
         new_files = sorted((data / "train" / "good").iterdir())[-n_new:]
@@ -114,35 +131,65 @@ def main() -> None:
 
     result = {
         "what": f"retrain after +{args.new_fraction:.0%} nominal images: warm per-image feature cache vs from scratch",
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"backbone": f"{args.backbone} (random weights: timing only)", "image_px": args.size,
-                     "resize": params.model.image.resize, "crop": params.model.image.crop,
-                     "coreset_fraction": args.coreset, "holdout_fraction": params.pipeline.holdout_fraction,
-                     "n_initial": args.n, "n_new": n_new, "device": "cpu", "batch_size": params.model.runtime.batch_size},
-        "initial_training": initial, "incremental_retrain": incremental, "retrain_from_scratch": scratch,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": {
+            "backbone": f"{args.backbone} (random weights: timing only)",
+            "image_px": args.size,
+            "resize": params.model.image.resize,
+            "crop": params.model.image.crop,
+            "coreset_fraction": args.coreset,
+            "holdout_fraction": params.pipeline.holdout_fraction,
+            "n_initial": args.n,
+            "n_new": n_new,
+            "device": "cpu",
+            "batch_size": params.model.runtime.batch_size,
+        },
+        "initial_training": initial,
+        "incremental_retrain": incremental,
+        "retrain_from_scratch": scratch,
         "extract_speedup": round(scratch["seconds_extract"] / max(incremental["seconds_extract"], 1e-9), 1),
-        "coreset_speedup": round(scratch["seconds_coreset_selection"] / max(incremental["seconds_coreset_selection"], 1e-9), 1),
+        "coreset_speedup": round(
+            scratch["seconds_coreset_selection"] / max(incremental["seconds_coreset_selection"], 1e-9), 1
+        ),
         "total_speedup": round(scratch["seconds_total"] / max(incremental["seconds_total"], 1e-9), 2),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    rows = [("initial training", initial), ("retrain +new, warm cache", incremental), ("retrain +new, from scratch", scratch)]
-    md = [f"# Incremental retrain ({args.backbone}, {args.n} + {n_new} images, {os.cpu_count()} CPU cores)", "",
-          "| run | train images | bank images | extracted | reused | extract s | coreset selection s | bank step s "
-          "| total s | bank size | covering radius |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {name} | {r['n_train']} | {r['n_bank_images']} | {r['n_extracted']} | {r['n_reused']} | "
-           f"{r['seconds_extract']} | {r['seconds_coreset_selection']} | {r['seconds_bank']} | {r['seconds_total']} | "
-           f"{r['bank_size']} | {r.get('covering_radius', '-')} |" for name, r in rows]
-    md += ["", f"Coreset {args.coreset:.0%}. With new images, extraction is {result['extract_speedup']}x faster with the "
-           f"feature cache and the coreset selection {result['coreset_speedup']}x faster continuing the previous bank's "
-           f"selection; whole retrain (fingerprint + split + extract + coreset) {result['total_speedup']}x. The bank "
-           "step also reads every cached feature file and projects it (time that grows with the whole set, "
-           "but small); the continued selection's covering radius is within "
-           f"{incremental['covering_radius'] / scratch['covering_radius'] - 1:+.1%} of the from-scratch one."]
+    rows = [
+        ("initial training", initial),
+        ("retrain +new, warm cache", incremental),
+        ("retrain +new, from scratch", scratch),
+    ]
+    md = [
+        f"# Incremental retrain ({args.backbone}, {args.n} + {n_new} images, {os.cpu_count()} CPU cores)",
+        "",
+        "| run | train images | bank images | extracted | reused | extract s | coreset selection s | bank step s "
+        "| total s | bank size | covering radius |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {name} | {r['n_train']} | {r['n_bank_images']} | {r['n_extracted']} | {r['n_reused']} | "
+        f"{r['seconds_extract']} | {r['seconds_coreset_selection']} | {r['seconds_bank']} | {r['seconds_total']} | "
+        f"{r['bank_size']} | {r.get('covering_radius', '-')} |"
+        for name, r in rows
+    ]
+    md += [
+        "",
+        f"Coreset {args.coreset:.0%}. With new images, extraction is {result['extract_speedup']}x faster with the "
+        f"feature cache and the coreset selection {result['coreset_speedup']}x faster continuing the previous bank's "
+        f"selection; whole retrain (fingerprint + split + extract + coreset) {result['total_speedup']}x. The bank "
+        "step also reads every cached feature file and projects it (time that grows with the whole set, "
+        "but small); the continued selection's covering radius is within "
+        f"{incremental['covering_radius'] / scratch['covering_radius'] - 1:+.1%} of the from-scratch one.",
+    ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

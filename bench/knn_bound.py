@@ -68,19 +68,28 @@ def measure(name: str, overrides: dict, train: list, queries: list, bank_size: i
     e_plain, e_bounded = exact(i_plain), exact(i_bounded)
     ms = {label: round(min(v), 1) for label, v in times.items()}
     result = {
-        "settings": overrides, "bank": list(bank.shape), "queries": len(q), "patches_per_image": int(per_image),
-        "variance_share_on_leading_axes": spectrum(bank), "lead_axes": bounded.lead,
+        "settings": overrides,
+        "bank": list(bank.shape),
+        "queries": len(q),
+        "patches_per_image": int(per_image),
+        "variance_share_on_leading_axes": spectrum(bank),
+        "lead_axes": bounded.lead,
         "auto_would_pick": "bounded" if auto else "faiss",
         "settled_by_bound": round(bounded.stats["settled"] / bounded.stats["queries"], 4),
-        "build_seconds": round(build_s, 2), "ms_per_image": ms, "speedup": round(ms["faiss"] / ms["bounded"], 2),
+        "build_seconds": round(build_s, 2),
+        "ms_per_image": ms,
+        "speedup": round(ms["faiss"] / ms["bounded"], 2),
         "same_neighbour_share": float(np.mean(i_plain[:, 0] == i_bounded[:, 0])),
         # where the neighbours differ: ties, or faiss' float32 |q|^2+|b|^2-2q.b picking a farther row
         "bounded_never_farther": bool(np.all(e_bounded <= e_plain * (1 + 1e-6))),
         "max_rel_distance_diff": float(np.max(np.abs(e_bounded - e_plain) / np.maximum(e_plain, 1e-12))),
     }
-    print(f"{name:<14} lead {bounded.lead:>4}  settled {result['settled_by_bound']:.3f}  faiss {ms['faiss']:6.1f} "
-          f"ms/img  bounded {ms['bounded']:6.1f} ms/img  ({result['speedup']}x)  same NN {result['same_neighbour_share']:.4f}",
-          flush=True)
+    print(
+        f"{name:<14} lead {bounded.lead:>4}  settled {result['settled_by_bound']:.3f}  faiss {ms['faiss']:6.1f} "
+        f"ms/img  bounded {ms['bounded']:6.1f} ms/img  ({result['speedup']}x)  "
+        f"same NN {result['same_neighbour_share']:.4f}",
+        flush=True,
+    )
     return result
 
 
@@ -102,17 +111,28 @@ def main(argv=None) -> int:
     queries = [s.path for s in good + bad]
     names = args.only.split(",") if args.only else list(SETTINGS)
     load_start = os.getloadavg()
-    missing = [n for n in names if SETTINGS[n]["backbone"]["weights"] not in ("random", "imagenet")
-               and not Path(SETTINGS[n]["backbone"]["weights"]).is_file()]
+    missing = [
+        n
+        for n in names
+        if SETTINGS[n]["backbone"]["weights"] not in ("random", "imagenet")
+        and not Path(SETTINGS[n]["backbone"]["weights"]).is_file()
+    ]
     if missing:
         print(f"weights file {MNV2} not found: skipping {', '.join(missing)}", file=sys.stderr)
         names = [n for n in names if n not in missing]
-    runs = {name: measure(name, SETTINGS[name], train[: args.n_train], queries,
-                          args.bank_size, args.repeats) for name in names}
-    report = {"benchmark": "bounded exact kNN vs faiss IndexFlatL2 (bench/knn_bound.py)", "k": 1, "runs": runs,
-              "machine": machine(), "load_average_at_start": [round(x, 2) for x in load_start],
-              "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    runs = {
+        name: measure(name, SETTINGS[name], train[: args.n_train], queries, args.bank_size, args.repeats)
+        for name in names
+    }
+    report = {
+        "benchmark": "bounded exact kNN vs faiss IndexFlatL2 (bench/knn_bound.py)",
+        "k": 1,
+        "runs": runs,
+        "machine": machine(),
+        "load_average_at_start": [round(x, 2) for x in load_start],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -38,16 +38,31 @@ from patchcore.backbone import FeatureExtractor, build_backbone, default_layers 
 from patchcore.evaluation import evaluate  # noqa: E402
 
 # Measured for the authors' reference code on this machine kind (shared/ENVIRONMENT.md):
-REFERENCE = {"fit_seconds_random_wrn50_1pct": 1022, "coreset_picks_per_second": 8,
-             "scoring_seconds_per_image_1pct": 0.22, "bare_wrn50_forward_ms_per_image": 106}
+REFERENCE = {
+    "fit_seconds_random_wrn50_1pct": 1022,
+    "coreset_picks_per_second": 8,
+    "scoring_seconds_per_image_1pct": 0.22,
+    "bare_wrn50_forward_ms_per_image": 106,
+}
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -58,13 +73,19 @@ def rss_mib() -> float:
 
 
 def config_from(args, fraction: float) -> PatchCoreConfig:
-    return PatchCoreConfig.from_dict({
-        "backbone": {"name": args.backbone, "layers": args.layers.split(",") if args.layers else None,
-                     "weights": args.weights},
-        "image": {"resize": args.resize, "crop": args.crop}, "features": {"patch_size": args.patch_size},
-        "coreset": {"fraction": fraction},
-        "runtime": {"device": args.device, "batch_size": args.batch_size, "num_workers": args.num_workers},
-    })
+    return PatchCoreConfig.from_dict(
+        {
+            "backbone": {
+                "name": args.backbone,
+                "layers": args.layers.split(",") if args.layers else None,
+                "weights": args.weights,
+            },
+            "image": {"resize": args.resize, "crop": args.crop},
+            "features": {"patch_size": args.patch_size},
+            "coreset": {"fraction": fraction},
+            "runtime": {"device": args.device, "batch_size": args.batch_size, "num_workers": args.num_workers},
+        }
+    )
 
 
 def bare_forward_ms(args) -> float:
@@ -72,8 +93,11 @@ def bare_forward_ms(args) -> float:
     cfg = config_from(args, 0.1)
     model, _ = build_backbone(cfg.backbone)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    extractor = FeatureExtractor(model, cfg.backbone.layers or default_layers(cfg.backbone.name),
-                                 timm_model=cfg.backbone.name.startswith("timm/"))
+    extractor = FeatureExtractor(
+        model,
+        cfg.backbone.layers or default_layers(cfg.backbone.name),
+        timm_model=cfg.backbone.name.startswith("timm/"),
+    )
     extractor = extractor.to(device=device, memory_format=torch.channels_last).eval()
     x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device).to(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -109,16 +133,22 @@ def child(args) -> None:
     fit_rss = rss_mib()
     picks = len(model.memory_bank_)
     out = {
-        "fraction": args.fraction, "n_train_images": len(train), "n_test_images": len(test),
-        "bank_size": picks, "train_patches": model.n_train_patches_, "patch_grid": list(model.grid_),
+        "fraction": args.fraction,
+        "n_train_images": len(train),
+        "n_test_images": len(test),
+        "bank_size": picks,
+        "train_patches": model.n_train_patches_,
+        "patch_grid": list(model.grid_),
         "fit_seconds": round(fit_seconds, 2),
         "extract_seconds": round(model.timings_["extract_seconds"], 2),
         "extraction_images_per_second": round(len(train) / model.timings_["extract_seconds"], 2),
         "coreset_seconds": round(model.timings_["coreset_seconds"], 2),
         "coreset_picks_per_second": round(picks / max(model.timings_["coreset_seconds"], 1e-9), 1)
-        if args.fraction < 1 else None,
+        if args.fraction < 1
+        else None,
         "fit_peak_rss_mib": round(fit_rss, 1),
-        "weights": model.weights_.to_dict(), "layers": model.layers_,
+        "weights": model.weights_.to_dict(),
+        "layers": model.layers_,
     }
     # End to end (decode, preprocess, forward, features, kNN, scores, maps: the predict call that
     # evaluate makes), the kNN part of it (patch_scores: faiss search + exact distances), then the
@@ -132,6 +162,7 @@ def child(args) -> None:
                 return fn(*a, **kw)
             finally:
                 timed[name] += time.perf_counter() - t
+
         return wrapper
 
     model.predict, model.patch_scores = timing("predict", model.predict), timing("knn", model.patch_scores)
@@ -172,8 +203,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--subset", choices=["all", "test-half", "val-half"], default="all",
-                   help="which test images to report on (halves: bench/mtd.py)")
+    p.add_argument(
+        "--subset",
+        choices=["all", "test-half", "val-half"],
+        default="all",
+        help="which test images to report on (halves: bench/mtd.py)",
+    )
     p.add_argument("--n-train", type=int, help="use only the first N training images (quick runs)")
     p.add_argument("--latency-images", type=int, default=21)
     p.add_argument("--label", help="name of this run (default: backbone-weights kind)")
@@ -194,22 +229,43 @@ def main(argv=None) -> int:
     weights_kind = "random" if args.weights == "random" else ("imagenet" if args.weights == "imagenet" else "file")
     label = args.label or f"{args.backbone}-{weights_kind}"
     out_path = Path(args.out or REPO / "bench" / "results" / f"mtd_{label}_{device}.json")
-    report = {"benchmark": "MTD fit + score (bench/run_mtd.py)", "label": label, "machine": machine(),
-              "device": device, "settings": {k: v for k, v in vars(args).items() if k not in ("child", "fraction", "result")},
-              "reference_figures_this_machine_kind": REFERENCE, "runs": [],
-              # other processes on a 2-core machine distort timings: record how busy it was
-              "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    report = {
+        "benchmark": "MTD fit + score (bench/run_mtd.py)",
+        "label": label,
+        "machine": machine(),
+        "device": device,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "fraction", "result")},
+        "reference_figures_this_machine_kind": REFERENCE,
+        "runs": [],
+        # other processes on a 2-core machine distort timings: record how busy it was
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
     if weights_kind == "random":
-        report["note"] = ("RANDOM backbone weights: image/pixel AUROC and PRO are at chance level and say nothing "
-                          "about detection quality; speed and memory figures are valid.")
+        report["note"] = (
+            "RANDOM backbone weights: image/pixel AUROC and PRO are at chance level and say nothing "
+            "about detection quality; speed and memory figures are valid."
+        )
     report["bare_forward_ms_per_image"] = round(bare_forward_ms(args), 1)
     print(f"bare forward: {report['bare_forward_ms_per_image']} ms/image ({device})", flush=True)
     for fraction in [float(f) for f in args.fractions.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             result_file = Path(tmp) / "r.json"
             cmd = [sys.executable, __file__, "--child", "--fraction", str(fraction), "--result", str(result_file)]
-            for key in ("data", "backbone", "layers", "weights", "resize", "crop", "patch_size", "device", "batch_size",
-                        "num_workers", "subset", "n_train", "latency_images"):
+            for key in (
+                "data",
+                "backbone",
+                "layers",
+                "weights",
+                "resize",
+                "crop",
+                "patch_size",
+                "device",
+                "batch_size",
+                "num_workers",
+                "subset",
+                "n_train",
+                "latency_images",
+            ):
                 value = getattr(args, key)
                 if value is not None:
                     cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -218,17 +274,20 @@ def main(argv=None) -> int:
             subprocess.run(cmd, check=True)
             run = json.loads(result_file.read_text())
         run["extraction_vs_bare_forward"] = round(
-            (1000 / run["extraction_images_per_second"]) / report["bare_forward_ms_per_image"], 2)
+            (1000 / run["extraction_images_per_second"]) / report["bare_forward_ms_per_image"], 2
+        )
         report["runs"].append(run)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=2))  # after every fraction: a stopped run keeps what it measured
         q = run["quality"]
-        print(f"fraction {fraction}: bank {run['bank_size']}, extraction {run['extraction_images_per_second']} img/s "
-              f"({run['extraction_vs_bare_forward']}x bare forward), coreset {run['coreset_seconds']} s, "
-              f"kNN {run['knn_images_per_second']} img/s, end-to-end {run['end_to_end_images_per_second']} img/s, "
-              f"latency {run['latency_ms_per_image']} ms, fit RSS {run['fit_peak_rss_mib']} MiB | image AUROC "
-              f"{q['image_auroc']:.4f} pixel AUROC {q['pixel_auroc']:.4f} PRO {q['pro']:.4f} F1 errors {q['f1_errors']}",
-              flush=True)
+        print(
+            f"fraction {fraction}: bank {run['bank_size']}, extraction {run['extraction_images_per_second']} img/s "
+            f"({run['extraction_vs_bare_forward']}x bare forward), coreset {run['coreset_seconds']} s, "
+            f"kNN {run['knn_images_per_second']} img/s, end-to-end {run['end_to_end_images_per_second']} img/s, "
+            f"latency {run['latency_ms_per_image']} ms, fit RSS {run['fit_peak_rss_mib']} MiB | image AUROC "
+            f"{q['image_auroc']:.4f} pixel AUROC {q['pixel_auroc']:.4f} PRO {q['pro']:.4f} F1 errors {q['f1_errors']}",
+            flush=True,
+        )
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=2))

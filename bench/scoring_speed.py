@@ -63,8 +63,10 @@ def bare_forward(weights: Path, threads: int, batch_size: int, repeats: int = 5)
     model = torchvision.models.wide_resnet50_2()
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
-    variants = {"batchnorm_as_is": create_feature_extractor(model, return_nodes=["layer2", "layer3"]).eval(),
-                "batchnorm_folded": FeatureExtractor(model, ["layer2", "layer3"]).eval()}
+    variants = {
+        "batchnorm_as_is": create_feature_extractor(model, return_nodes=["layer2", "layer3"]).eval(),
+        "batchnorm_folded": FeatureExtractor(model, ["layer2", "layer3"]).eval(),
+    }
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     times = {name: [] for name in variants}
     with torch.inference_mode():
@@ -75,7 +77,10 @@ def bare_forward(weights: Path, threads: int, batch_size: int, repeats: int = 5)
                 start = time.perf_counter()
                 net(x)
                 times[name].append((time.perf_counter() - start) / batch_size * 1000)
-    return {name: round(min(v), 1) for name, v in times.items()} | {"batch_size": batch_size, "statistic": f"min of {repeats}"}
+    return {name: round(min(v), 1) for name, v in times.items()} | {
+        "batch_size": batch_size,
+        "statistic": f"min of {repeats}",
+    }
 
 
 def main(argv=None) -> int:
@@ -100,21 +105,40 @@ def main(argv=None) -> int:
         ref_src, ref_commit = resolve_reference(args.reference_src, scratch)
         train, test, _ = mtd_images(args.data.resolve(), args.n_train, args.n_test)
         weights, weights_sha, _ = write_weights(scratch, "wide_resnet50_2", 0)
-        job = {"backbone": "wide_resnet50_2", "layers": ["layer2", "layer3"], "weights": str(weights), "resize": 256,
-               "crop": 224, "patch_size": 3, "pretrain_dim": 1024, "target_dim": 1024, "batch_size": args.batch_size,
-               "threads": args.threads, "train": [str(x) for x in train], "test": [str(x) for x in test],
-               "sampler_percentage": fraction}
+        job = {
+            "backbone": "wide_resnet50_2",
+            "layers": ["layer2", "layer3"],
+            "weights": str(weights),
+            "resize": 256,
+            "crop": 224,
+            "patch_size": 3,
+            "pretrain_dim": 1024,
+            "target_dim": 1024,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "train": [str(x) for x in train],
+            "test": [str(x) for x in test],
+            "sampler_percentage": fraction,
+        }
         load_start = os.getloadavg()
-        print(f"{len(train)} train / {len(test)} test MTD images, bank {args.bank_size} patches "
-              f"(random subset, fraction {fraction:.4f}); reference: {ref_src}", flush=True)
+        print(
+            f"{len(train)} train / {len(test)} test MTD images, bank {args.bank_size} patches "
+            f"(random subset, fraction {fraction:.4f}); reference: {ref_src}",
+            flush=True,
+        )
         sampler = {"method": "random", "fraction": fraction}
         rounds = []
         for r in range(args.rounds):
             ref = run_reference(ref_src, job, scratch)
             ours0 = run_ours(job, coreset=sampler, num_workers=0)
-            rounds.append({"reference": ref["predict_seconds"] / len(test), "ours": ours0["predict_seconds"] / len(test)})
-            print(f"round {r + 1}: reference {rounds[-1]['reference'] * 1000:.1f} ms/image, ours "
-                  f"{rounds[-1]['ours'] * 1000:.1f} ms/image ({rounds[-1]['reference'] / rounds[-1]['ours']:.2f}x)", flush=True)
+            rounds.append(
+                {"reference": ref["predict_seconds"] / len(test), "ours": ours0["predict_seconds"] / len(test)}
+            )
+            print(
+                f"round {r + 1}: reference {rounds[-1]['reference'] * 1000:.1f} ms/image, ours "
+                f"{rounds[-1]['ours'] * 1000:.1f} ms/image ({rounds[-1]['reference'] / rounds[-1]['ours']:.2f}x)",
+                flush=True,
+            )
             if r == 0:
                 first_ref, first_ours = ref, ours0
                 ours2 = run_ours(job, coreset=sampler, num_workers=2)
@@ -128,13 +152,17 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     n = len(test)
-    runs = {"reference": ref, "ours_num_workers_0": ours0, "ours_num_workers_2": ours2,
-            "ours_faiss_num_workers_0": ours_faiss}
+    runs = {
+        "reference": ref,
+        "ours_num_workers_0": ours0,
+        "ours_num_workers_2": ours2,
+        "ours_faiss_num_workers_0": ours_faiss,
+    }
     per_image = {name: round(r["predict_seconds"] / n, 4) for name, r in runs.items()}
     report = {
         "benchmark": "scoring speed vs the reference implementation (bench/scoring_speed.py)",
         "what_is_timed": "predict over the test images: decode, preprocess, backbone, patch features, kNN, "
-                         "image scores, anomaly maps",
+        "image scores, anomaly maps",
         "settings": {k: v for k, v in job.items() if k not in ("train", "test", "weights")}
         | {"n_train": len(train), "n_test": n, "weights": f"random init, sha256 {weights_sha}"},
         "reference_commit": ref_commit,
@@ -142,11 +170,19 @@ def main(argv=None) -> int:
         "seconds_per_image": per_image,
         "seconds_per_image_is": "the first round; the reference and ours again in the later rounds below",
         "speedup_vs_reference": {name: round(per_image["reference"] / v, 2) for name, v in per_image.items()},
-        "rounds": [{"reference_s_per_image": round(x["reference"], 4), "ours_s_per_image": round(x["ours"], 4),
-                    "speedup": round(x["reference"] / x["ours"], 2)} for x in rounds],
+        "rounds": [
+            {
+                "reference_s_per_image": round(x["reference"], 4),
+                "ours_s_per_image": round(x["ours"], 4),
+                "speedup": round(x["reference"] / x["ours"], 2),
+            }
+            for x in rounds
+        ],
         "speedup_min_over_rounds": round(min(x["reference"] / x["ours"] for x in rounds), 2),
         "knn_backend": {name: r.get("knn_backend", "faiss (reference)") for name, r in runs.items()},
-        "knn_settled_by_bound": {name: r.get("knn_settled_by_bound") for name, r in runs.items() if name != "reference"},
+        "knn_settled_by_bound": {
+            name: r.get("knn_settled_by_bound") for name, r in runs.items() if name != "reference"
+        },
         "bare_forward_ms_per_image": forward,
         "machine": environment(args.threads),
         "load_average_at_start": [round(x, 2) for x in load_start],
@@ -156,10 +192,14 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for name, v in per_image.items():
-        print(f"{name:<26} {v * 1000:8.1f} ms/image  ({report['speedup_vs_reference'][name]}x the reference; "
-              f"kNN {report['knn_backend'][name]})")
-    print(f"speedup of the product defaults per round: {[r['speedup'] for r in report['rounds']]} "
-          f"(min {report['speedup_min_over_rounds']}x)")
+        print(
+            f"{name:<26} {v * 1000:8.1f} ms/image  ({report['speedup_vs_reference'][name]}x the reference; "
+            f"kNN {report['knn_backend'][name]})"
+        )
+    print(
+        f"speedup of the product defaults per round: {[r['speedup'] for r in report['rounds']]} "
+        f"(min {report['speedup_min_over_rounds']}x)"
+    )
     print(f"bare forward to layer3: {forward}")
     print(f"wrote {args.out}")
     return 0

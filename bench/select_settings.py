@@ -26,9 +26,14 @@ from bench.run_mtd import machine  # noqa: E402
 from patchcore import PatchCore, PatchCoreConfig  # noqa: E402
 from patchcore.evaluation import evaluate  # noqa: E402
 
-MNV2_LAYER_PAIRS = ["features.6,features.10", "features.6,features.13",
-                    "features.7,features.13", "features.10,features.13", "features.13,features.16",
-                    "features.6,features.10,features.13"]
+MNV2_LAYER_PAIRS = [
+    "features.6,features.10",
+    "features.6,features.13",
+    "features.7,features.13",
+    "features.10,features.13",
+    "features.13,features.16",
+    "features.6,features.10,features.13",
+]
 
 
 def main(argv=None) -> int:
@@ -47,29 +52,48 @@ def main(argv=None) -> int:
     train, test = load_split(Path(args.data))
     validation, _ = halves(test)
     rows = []
-    grid = itertools.product(args.layer_sets.split(";"), [int(x) for x in args.patch_sizes.split(",")],
-                             args.sizes.split(","))
+    grid = itertools.product(
+        args.layer_sets.split(";"), [int(x) for x in args.patch_sizes.split(",")], args.sizes.split(",")
+    )
     for layers, patch, size in grid:
         resize, crop = (int(v) for v in size.split("/"))
-        cfg = PatchCoreConfig.from_dict({
-            "backbone": {"name": args.backbone, "layers": layers.split(","), "weights": args.weights},
-            "image": {"resize": resize, "crop": crop}, "features": {"patch_size": patch},
-            "coreset": {"fraction": args.fraction}, "runtime": {"num_workers": 1},
-        })
+        cfg = PatchCoreConfig.from_dict(
+            {
+                "backbone": {"name": args.backbone, "layers": layers.split(","), "weights": args.weights},
+                "image": {"resize": resize, "crop": crop},
+                "features": {"patch_size": patch},
+                "coreset": {"fraction": args.fraction},
+                "runtime": {"num_workers": 1},
+            }
+        )
         start = time.perf_counter()
         model = PatchCore(cfg).fit(train, progress=False)
         m = evaluate(model, validation, progress=False).metrics
-        row = {"layers": layers, "patch_size": patch, "resize": resize, "crop": crop,
-               "image_auroc": round(m["image_auroc"], 4), "pixel_auroc": round(m["pixel_auroc"], 4),
-               "pro": round(m["pro"], 4), "f1_errors": m["f1_max_confusion"]["errors"],
-               "seconds": round(time.perf_counter() - start, 1)}
+        row = {
+            "layers": layers,
+            "patch_size": patch,
+            "resize": resize,
+            "crop": crop,
+            "image_auroc": round(m["image_auroc"], 4),
+            "pixel_auroc": round(m["pixel_auroc"], 4),
+            "pro": round(m["pro"], 4),
+            "f1_errors": m["f1_max_confusion"]["errors"],
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: (r["image_auroc"], r["pro"]), reverse=True)
-    report = {"benchmark": "settings selection on the MTD validation half (bench/select_settings.py)",
-              "backbone": args.backbone, "weights": args.weights, "coreset_fraction": args.fraction,
-              "n_train": len(train), "n_validation": len(validation), "machine": machine(),
-              "best": rows[0], "candidates": rows}
+    report = {
+        "benchmark": "settings selection on the MTD validation half (bench/select_settings.py)",
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "coreset_fraction": args.fraction,
+        "n_train": len(train),
+        "n_validation": len(validation),
+        "machine": machine(),
+        "best": rows[0],
+        "candidates": rows,
+    }
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"best on validation: {rows[0]}\nwrote {args.out}")
     return 0

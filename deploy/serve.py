@@ -48,8 +48,9 @@ def new_data_trigger(product: str):
     )
 
 
-def build_deployments(settings: Params, params_path: str | None = None, data_root: str = "data",
-                      allow_random_weights: bool = False) -> list[Any]:
+def build_deployments(
+    settings: Params, params_path: str | None = None, data_root: str = "data", allow_random_weights: bool = False
+) -> list[Any]:
     ops = settings.operations
     common = {"params_path": params_path} if params_path else {}
     deployments = [
@@ -57,21 +58,36 @@ def build_deployments(settings: Params, params_path: str | None = None, data_roo
         promote.to_deployment(name="promote", parameters=common, tags=["patchcore"]),
         inspect.to_deployment(name="inspect", parameters=common, tags=["patchcore"]),
         # One look at a time: a look still running when the next is due makes the next one cancel itself.
-        watch.to_deployment(name="watch", interval=timedelta(seconds=ops.watch_interval_seconds),
-                            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
-                            parameters={"products": list(settings.data.products), "data_root": data_root, **common},
-                            tags=["patchcore"]),
+        watch.to_deployment(
+            name="watch",
+            interval=timedelta(seconds=ops.watch_interval_seconds),
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
+            parameters={"products": list(settings.data.products), "data_root": data_root, **common},
+            tags=["patchcore"],
+        ),
     ]
     for product in settings.data.products:
-        deployments.append(retrain.to_deployment(
-            name=f"retrain-{product}",
-            schedules=[Cron(ops.cron_for(product), timezone=ops.schedule_timezone,
-                            parameters={"product": product, "data": f"{data_root}/{product}", "reason": "schedule"})],
-            triggers=[new_data_trigger(product)],
-            parameters={"product": product, "data": f"{data_root}/{product}",
-                        "allow_random_weights": allow_random_weights, **common},
-            tags=["patchcore", product],
-            description=f"Retrain {product} when its images changed (cron {ops.cron_for(product)}, or new data)."))
+        deployments.append(
+            retrain.to_deployment(
+                name=f"retrain-{product}",
+                schedules=[
+                    Cron(
+                        ops.cron_for(product),
+                        timezone=ops.schedule_timezone,
+                        parameters={"product": product, "data": f"{data_root}/{product}", "reason": "schedule"},
+                    )
+                ],
+                triggers=[new_data_trigger(product)],
+                parameters={
+                    "product": product,
+                    "data": f"{data_root}/{product}",
+                    "allow_random_weights": allow_random_weights,
+                    **common,
+                },
+                tags=["patchcore", product],
+                description=f"Retrain {product} when its images changed (cron {ops.cron_for(product)}, or new data).",
+            )
+        )
     return deployments
 
 
@@ -80,8 +96,10 @@ def check_api_url() -> str:
     if not url:
         url = PREFECT_API_URL.value() or ""
     if not url:
-        sys.exit("PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and export "
-                 "PREFECT_API_URL=http://127.0.0.1:4200/api, or run `make serve`")
+        sys.exit(
+            "PREFECT_API_URL is not set: start a server (`prefect server start --host 127.0.0.1`) and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api, or run `make serve`"
+        )
     return url
 
 
@@ -89,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", help="params.yaml (default ./params.yaml)")
     parser.add_argument("--data-root", default="data", help="folder holding data/<product>")
-    parser.add_argument("--allow-random-weights", action="store_true",
-                        help="let retrains promote random-weights models (demo only)")
+    parser.add_argument(
+        "--allow-random-weights", action="store_true", help="let retrains promote random-weights models (demo only)"
+    )
     args = parser.parse_args(argv)
     url = check_api_url()
     deployments = build_deployments(load_settings(args.params), args.params, args.data_root, args.allow_random_weights)

@@ -15,13 +15,23 @@ from pipeline.registry import Registry
 
 
 @flow(name="inspect-images", flow_run_name="inspect-{product}", log_prints=True)
-def inspect(product: str, images: str, out: str, alias: str = "champion", no_maps: bool = False,
-            params_path: str | None = None) -> dict[str, Any]:
+def inspect(
+    product: str, images: str, out: str, alias: str = "champion", no_maps: bool = False, params_path: str | None = None
+) -> dict[str, Any]:
     registry = Registry(load_settings(params_path).mlflow)
     result = inspect_images(registry, product, images, out, alias=alias, maps=not no_maps)
-    print(f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
-          f"(threshold {result.threshold:.6g}); {result.scores_csv}, {result.scores_json}")
-    create_table_artifact(list(result.rows), key=f"inspect-{product}".lower(),
-                          description=f"{result.model} v{result.version} scores")
-    return {"product": result.product, "model": result.model, "version": result.version, "threshold": result.threshold,
-            "n_images": len(result.rows), "out": out}
+    print(
+        f"{len(result.rows)} images scored with {result.model} v{result.version}: {result.n_anomalous} anomalous "
+        f"(threshold {result.threshold:.6g}); {result.scores_csv}, {result.scores_json}"
+    )
+    create_table_artifact(
+        list(result.rows), key=f"inspect-{product}".lower(), description=f"{result.model} v{result.version} scores"
+    )
+    return {
+        "product": result.product,
+        "model": result.model,
+        "version": result.version,
+        "threshold": result.threshold,
+        "n_images": len(result.rows),
+        "out": out,
+    }

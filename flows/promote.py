@@ -18,8 +18,13 @@ from tasks import promotion as t
 
 
 @flow(name="promote-product-model", flow_run_name="promote-{product}", log_prints=True)
-def promote(product: str, data: str | None = None, params_path: str | None = None,
-            overrides: dict[str, Any] | None = None, allow_random_weights: bool = False) -> dict[str, Any]:
+def promote(
+    product: str,
+    data: str | None = None,
+    params_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    allow_random_weights: bool = False,
+) -> dict[str, Any]:
     """data: the product folder whose test/ split is the evaluation set (default: the folder the
     challenger was trained from). allow_random_weights: let a random-weights model become champion."""
     settings = load_settings(params_path, overrides)
@@ -27,8 +32,13 @@ def promote(product: str, data: str | None = None, params_path: str | None = Non
     found = t.candidates(product, settings)
     challenger, champion = found["challenger"], found["champion"]
     if champion is not None and champion["version"] == challenger["version"]:
-        return {"outcome": "unchanged", "promote": False, "summary": f"v{challenger['version']} is already champion",
-                "challenger_version": challenger["version"], "champion_version": champion["version"]}
+        return {
+            "outcome": "unchanged",
+            "promote": False,
+            "summary": f"v{challenger['version']} is already champion",
+            "challenger_version": challenger["version"],
+            "champion_version": champion["version"],
+        }
     eval_set = t.pin_evaluation_set(store, data or challenger["data_root"] or f"data/{product}")
     challenger_scores = t.score(store, product, challenger["version"], eval_set, settings)
     champion_scores = t.score(store, product, champion["version"], eval_set, settings) if champion else None
@@ -37,4 +47,3 @@ def promote(product: str, data: str | None = None, params_path: str | None = Non
     applied = t.apply(product, decision, eval_set, scores, settings)
     t.publish(product, applied, eval_set)
     return applied
-

@@ -26,36 +26,72 @@ from tasks.concurrency import training_slot
 
 
 @flow(name="retrain-product-model", flow_run_name="retrain-{product}-{reason}", log_prints=True)
-def retrain(product: str, data: str | None = None, reason: str = "manual", force: bool = False,
-            params_path: str | None = None, overrides: dict[str, Any] | None = None,
-            allow_random_weights: bool = False) -> dict[str, Any]:
+def retrain(
+    product: str,
+    data: str | None = None,
+    reason: str = "manual",
+    force: bool = False,
+    params_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    allow_random_weights: bool = False,
+) -> dict[str, Any]:
     """reason: what started it (schedule, new-data, manual); force: train even without new data."""
     settings = load_settings(params_path, overrides)
     ops, data = settings.operations, data or f"data/{product}"
     with training_slot(product, ops.max_concurrent_trainings):
         check = t.check_new_data(product, data, params_to_dict(settings)["mlflow"])
         if not check["changed"] and not force:
-            create_markdown_artifact(f"**{check['message']}** ({reason}); nothing trained.",
-                                     key=f"retrain-{product}".lower(), description="retrain decision")
-            return {"product": product, "outcome": "no new data", "reason": reason, "message": check["message"],
-                    "md5": check["md5"]}
+            create_markdown_artifact(
+                f"**{check['message']}** ({reason}); nothing trained.",
+                key=f"retrain-{product}".lower(),
+                description="retrain decision",
+            )
+            return {
+                "product": product,
+                "outcome": "no new data",
+                "reason": reason,
+                "message": check["message"],
+                "md5": check["md5"],
+            }
         versioned = t.version_data(data, product, ops.git_commit_data)
         trained = train(product, data, params_path, overrides)
-        decision = (promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
-                    if ops.promote_after_training else None)
+        decision = (
+            promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
+            if ops.promote_after_training
+            else None
+        )
     features = trained["features"]
-    lines = [f"# Retrain {product} ({reason})", "", f"- {check['message']}",
-             f"- data version `{versioned['md5']}`" + (f", committed {versioned['git_commit'][:12]}" if versioned.get("git_commit") else ""),
-             f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
-             f"{features['n_cached']} reused of {features['n_images']}",
-             "- coreset: " + (f"continued the bank of {c['prior_images']} images ({c['prior_picks']} picks kept)"
-                              if (c := trained.get("coreset_continued")) else "built from scratch"),
-             f"- promotion: {decision['summary'] if decision else 'not run (operations.promote_after_training: false)'}"]
+    lines = [
+        f"# Retrain {product} ({reason})",
+        "",
+        f"- {check['message']}",
+        f"- data version `{versioned['md5']}`"
+        + (f", committed {versioned['git_commit'][:12]}" if versioned.get("git_commit") else ""),
+        f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
+        f"{features['n_cached']} reused of {features['n_images']}",
+        "- coreset: "
+        + (
+            f"continued the bank of {c['prior_images']} images ({c['prior_picks']} picks kept)"
+            if (c := trained.get("coreset_continued"))
+            else "built from scratch"
+        ),
+        f"- promotion: {decision['summary'] if decision else 'not run (operations.promote_after_training: false)'}",
+    ]
     create_markdown_artifact("\n".join(lines), key=f"retrain-{product}".lower(), description="retrain decision")
-    return {"product": product, "outcome": "trained", "reason": reason, "message": check["message"],
-            "md5": versioned["md5"], "data_version": versioned, "registry": trained["registry"],
-            "features": features, "coreset_continued": trained.get("coreset_continued"),
-            "bank_size": trained["bank_size"], "n_bank": trained["n_bank"], "promotion": decision}
+    return {
+        "product": product,
+        "outcome": "trained",
+        "reason": reason,
+        "message": check["message"],
+        "md5": versioned["md5"],
+        "data_version": versioned,
+        "registry": trained["registry"],
+        "features": features,
+        "coreset_continued": trained.get("coreset_continued"),
+        "bank_size": trained["bank_size"],
+        "n_bank": trained["n_bank"],
+        "promotion": decision,
+    }
 
 
 if __name__ == "__main__":
@@ -68,4 +104,8 @@ if __name__ == "__main__":
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--allow-random-weights", action="store_true")
     args = parser.parse_args()
-    print(retrain(args.product, args.data, "manual", args.force, args.params, allow_random_weights=args.allow_random_weights))
+    print(
+        retrain(
+            args.product, args.data, "manual", args.force, args.params, allow_random_weights=args.allow_random_weights
+        )
+    )

@@ -23,8 +23,9 @@ from tasks import training as t
 
 
 @flow(name="train-product-model", flow_run_name="train-{product}", log_prints=True)
-def train(product: str, data: str | None = None, params_path: str | None = None,
-          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(
+    product: str, data: str | None = None, params_path: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train, evaluate, calibrate and register the PatchCore model of one product.
 
     product: product name (registered model `patchcore-<product>`); data: its folder in MVTec
@@ -40,12 +41,21 @@ def train(product: str, data: str | None = None, params_path: str | None = None,
     evaluation = t.evaluate(store, manifest, division, bank)
     calibrated = t.calibrate(store, evaluation, bank, product, settings, manifest, division, features)
     report = t.report(store, evaluation, calibrated, manifest, settings)
-    record = steps.training_record(product, manifest, validation, division, features, bank, evaluation, calibrated,
-                                   report)
+    record = steps.training_record(
+        product, manifest, validation, division, features, bank, evaluation, calibrated, report
+    )
     registered = t.register(store, product, settings, record, validation)
     t.publish(product, record, registered)
-    return {"product": product, "registry": registered, "calibration": record.calibration,
-            "metrics": record.metrics, "features": record.features, "data_version": record.data_version,
-            "bank_size": record.bank_size, "n_bank": record.n_bank, "coreset_continued": record.coreset_continued,
-            "seconds": record.seconds, "cached_stages": record.cached_stages}
-
+    return {
+        "product": product,
+        "registry": registered,
+        "calibration": record.calibration,
+        "metrics": record.metrics,
+        "features": record.features,
+        "data_version": record.data_version,
+        "bank_size": record.bank_size,
+        "n_bank": record.n_bank,
+        "coreset_continued": record.coreset_continued,
+        "seconds": record.seconds,
+        "cached_stages": record.cached_stages,
+    }

@@ -25,8 +25,12 @@ def state_path(product: str) -> Path:
 
 
 @flow(name="watch-product-data", log_prints=True)
-def watch(products: list[str] | None = None, data_root: str = "data", params_path: str | None = None,
-          settle_seconds: float | None = None) -> dict[str, Any]:
+def watch(
+    products: list[str] | None = None,
+    data_root: str = "data",
+    params_path: str | None = None,
+    settle_seconds: float | None = None,
+) -> dict[str, Any]:
     settings = load_settings(params_path)
     settle = settings.operations.settle_seconds if settle_seconds is None else settle_seconds
     fired: dict[str, Any] = {}
@@ -42,10 +46,16 @@ def watch(products: list[str] | None = None, data_root: str = "data", params_pat
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state.to_dict()))
         if fire:
-            emit_event(event=EVENT_DATA_SETTLED,
-                       resource={"prefect.resource.id": f"patchcore.product.{product}", "patchcore.product": product},
-                       payload={"product": product, "data": str(folder.resolve()), "n_files": snapshot.n_files,
-                                "total_bytes": snapshot.total_bytes})
+            emit_event(
+                event=EVENT_DATA_SETTLED,
+                resource={"prefect.resource.id": f"patchcore.product.{product}", "patchcore.product": product},
+                payload={
+                    "product": product,
+                    "data": str(folder.resolve()),
+                    "n_files": snapshot.n_files,
+                    "total_bytes": snapshot.total_bytes,
+                },
+            )
             print(f"{product}: {snapshot.n_files} files settled for {settle:.0f} s -> {EVENT_DATA_SETTLED}")
         fired[product] = fire
     return fired

@@ -131,8 +131,13 @@ def _imagenet_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str, str |
         except Exception as exc:  # timm raises hub/HTTP/OS errors of many kinds when offline
             raise WeightsError(f"cannot load pretrained timm weights for {name!r}: {exc}. {hint}") from None
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        return (model.state_dict(), f"timm:{cfg.get('hf_hub_id') or name}", None,
-                tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+        return (
+            model.state_dict(),
+            f"timm:{cfg.get('hf_hub_id') or name}",
+            None,
+            tuple(cfg.get("mean", IMAGENET_MEAN)),
+            tuple(cfg.get("std", IMAGENET_STD)),
+        )
     weights = torchvision.models.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
@@ -165,7 +170,10 @@ def _file_state_dict(path: Path, expected_sha256: str | None) -> tuple[dict[str,
     sha = sha256_file(path)
     meta = _companion_json(path)
     recorded = (meta.get("pth") or {}).get("sha256")
-    for label, expected in (("backbone.weights_sha256", expected_sha256), (f"{path.with_suffix('.json').name}", recorded)):
+    for label, expected in (
+        ("backbone.weights_sha256", expected_sha256),
+        (f"{path.with_suffix('.json').name}", recorded),
+    ):
         if expected and expected.lower() != sha:
             raise WeightsError(f"{path}: sha256 is {sha} but {label} says {expected}; the file is not the one expected")
     try:
@@ -194,7 +202,14 @@ def build_backbone(config: BackboneConfig, seed: int = 0) -> tuple[nn.Module, We
             "for real inspection; use them for tests and demos only",
             stacklevel=2,
         )
-        kind, source, sha, mean, std, norm_src = "random", f"seed={seed}", None, IMAGENET_MEAN, IMAGENET_STD, "imagenet-default"
+        kind, source, sha, mean, std, norm_src = (
+            "random",
+            f"seed={seed}",
+            None,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "imagenet-default",
+        )
     elif config.weights == "imagenet":
         model = _construct(config.name)
         state, source, sha, mean, std = _imagenet_state_dict(config.name)

@@ -34,10 +34,16 @@ DESCRIPTION = "PatchCore anomaly detection (Roth et al., CVPR 2022)."
 def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
     data = load_config(args.params).to_dict()  # params.yaml + PATCHCORE_WEIGHTS / PATCHCORE_BACKBONE
     flags = {
-        "backbone.name": args.backbone, "backbone.layers": args.layers, "backbone.weights": args.weights,
-        "backbone.weights_sha256": args.weights_sha256, "coreset.fraction": args.coreset,
-        "runtime.seed": args.seed, "image.resize": args.resize, "image.crop": args.crop,
-        "runtime.device": args.device, "runtime.batch_size": args.batch_size,
+        "backbone.name": args.backbone,
+        "backbone.layers": args.layers,
+        "backbone.weights": args.weights,
+        "backbone.weights_sha256": args.weights_sha256,
+        "coreset.fraction": args.coreset,
+        "runtime.seed": args.seed,
+        "image.resize": args.resize,
+        "image.crop": args.crop,
+        "runtime.device": args.device,
+        "runtime.batch_size": args.batch_size,
     }
     if args.backbone and not args.layers:
         set_dotted(data, "backbone.layers", None)  # another architecture: its own default layers
@@ -53,8 +59,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     model = PatchCore(config).fit(args.images, progress=not args.quiet)
     out = model.save(args.out)
-    print(f"model: {out} (memory bank {len(model.memory_bank_)} of {model.n_train_patches_} patches "
-          f"from {model.n_train_images_} images; weights {model.weights_.kind})")
+    print(
+        f"model: {out} (memory bank {len(model.memory_bank_)} of {model.n_train_patches_} patches "
+        f"from {model.n_train_images_} images; weights {model.weights_.kind})"
+    )
     return 0
 
 
@@ -68,8 +76,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(records, indent=2))
     print(f"scores: {args.out} ({len(records)} images)")
     if args.maps:
-        written = write_overlays(predictions.items, predictions.anomaly_maps, args.maps,
-                                 model.config.image.resize, model.config.image.crop)
+        written = write_overlays(
+            predictions.items, predictions.anomaly_maps, args.maps, model.config.image.resize, model.config.image.crop
+        )
         print(f"heatmaps: {args.maps} ({len(written)} PNG)")
     return 0
 
@@ -93,10 +102,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", help="params.yaml to read the `model` section from (default: ./params.yaml or PATCHCORE_PARAMS)")
+    p.add_argument(
+        "--params", help="params.yaml to read the `model` section from (default: ./params.yaml or PATCHCORE_PARAMS)"
+    )
     p.add_argument("--backbone", help="torchvision model name or timm/<name> (default wide_resnet50_2)")
     p.add_argument("--layers", help="comma-separated layer module paths, e.g. layer2,layer3")
-    p.add_argument("--weights", help="imagenet | random | PATH to a state_dict file (default imagenet; env PATCHCORE_WEIGHTS)")
+    p.add_argument(
+        "--weights", help="imagenet | random | PATH to a state_dict file (default imagenet; env PATCHCORE_WEIGHTS)"
+    )
     p.add_argument("--weights-sha256", help="expected sha256 of the weights file")
     p.add_argument("--coreset", type=float, help="coreset fraction in (0, 1]; 1.0 keeps every patch (default 0.1)")
     p.add_argument("--seed", type=int)
@@ -124,7 +137,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def add_fit(sub) -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="build a model from nominal images")
-    fit.add_argument("--images", required=True, help="folder (MVTec layout: uses train/good), image folder, or text file of paths")
+    fit.add_argument(
+        "--images", required=True, help="folder (MVTec layout: uses train/good), image folder, or text file of paths"
+    )
     fit.add_argument("--out", required=True, help="model directory to write")
     _add_model_flags(fit)
     add_runtime_flags(fit)
@@ -160,7 +175,9 @@ def add_demo_data(sub) -> argparse.ArgumentParser:
     demo.add_argument("--out", default="data", help="parent folder (default: data)")
     demo.add_argument("--product", default="tiles")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--size", type=int, default=256, help="image side in pixels (default 256: not below the 224 crop)")
+    demo.add_argument(
+        "--size", type=int, default=256, help="image side in pixels (default 256: not below the 224 crop)"
+    )
     demo.set_defaults(func=cmd_demo_data)
     return demo
 
@@ -182,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None, user_errors: tuple = ()) -> int:
     """Parse, run the chosen command, turn expected failures into one line on stderr and exit 2."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     try:

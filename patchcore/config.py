@@ -106,23 +106,36 @@ class PatchCoreConfig:
 
     def validate(self) -> None:
         c = self
-        _check(c.image.crop > 0 and c.image.resize >= c.image.crop,
-               f"image.resize ({c.image.resize}) must be >= image.crop ({c.image.crop}) > 0")
-        _check(c.features.patch_size >= 1 and c.features.patch_size % 2 == 1,
-               f"features.patch_size must be a positive odd number, got {c.features.patch_size}")
-        _check(c.features.pretrain_dim > 0 and c.features.target_dim > 0,
-               "features.pretrain_dim and features.target_dim must be positive")
-        _check(c.coreset.method in ("approx_greedy", "random", "identity"),
-               f"coreset.method must be approx_greedy, random or identity, got {c.coreset.method!r}")
-        _check(0.0 < c.coreset.fraction <= 1.0,
-               f"coreset.fraction must be in (0, 1], got {c.coreset.fraction}")
+        _check(
+            c.image.crop > 0 and c.image.resize >= c.image.crop,
+            f"image.resize ({c.image.resize}) must be >= image.crop ({c.image.crop}) > 0",
+        )
+        _check(
+            c.features.patch_size >= 1 and c.features.patch_size % 2 == 1,
+            f"features.patch_size must be a positive odd number, got {c.features.patch_size}",
+        )
+        _check(
+            c.features.pretrain_dim > 0 and c.features.target_dim > 0,
+            "features.pretrain_dim and features.target_dim must be positive",
+        )
+        _check(
+            c.coreset.method in ("approx_greedy", "random", "identity"),
+            f"coreset.method must be approx_greedy, random or identity, got {c.coreset.method!r}",
+        )
+        _check(0.0 < c.coreset.fraction <= 1.0, f"coreset.fraction must be in (0, 1], got {c.coreset.fraction}")
         _check(c.scoring.k >= 1, f"scoring.k must be >= 1, got {c.scoring.k}")
-        _check(c.scoring.distance in ("squared", "euclidean"),
-               f"scoring.distance must be 'squared' or 'euclidean', got {c.scoring.distance!r}")
-        _check(c.scoring.knn_backend in ("auto", "faiss", "bounded", "faiss-gpu", "torch"),
-               f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}")
-        _check(c.runtime.bank_dtype in ("float32", "float16"),
-               f"runtime.bank_dtype must be float32 or float16, got {c.runtime.bank_dtype!r}")
+        _check(
+            c.scoring.distance in ("squared", "euclidean"),
+            f"scoring.distance must be 'squared' or 'euclidean', got {c.scoring.distance!r}",
+        )
+        _check(
+            c.scoring.knn_backend in ("auto", "faiss", "bounded", "faiss-gpu", "torch"),
+            f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}",
+        )
+        _check(
+            c.runtime.bank_dtype in ("float32", "float16"),
+            f"runtime.bank_dtype must be float32 or float16, got {c.runtime.bank_dtype!r}",
+        )
         _check(c.runtime.batch_size >= 1, "runtime.batch_size must be >= 1")
         for name in ("mean", "std"):
             value = getattr(c.backbone, name)
@@ -181,8 +194,10 @@ def build_settings(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                          f"valid keys: {', '.join(where + n for n in sorted(names))}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"valid keys: {', '.join(where + n for n in sorted(names))}"
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

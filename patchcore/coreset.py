@@ -76,8 +76,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["METHODS", "GreedySelection", "project", "projected_width", "select_coreset", "select_from_projected", "greedy_selection",
-           "covering_radius"]
+__all__ = [
+    "METHODS",
+    "GreedySelection",
+    "project",
+    "projected_width",
+    "select_coreset",
+    "select_from_projected",
+    "greedy_selection",
+    "covering_radius",
+]
 
 METHODS = ("approx_greedy", "greedy_plain", "random", "identity")
 
@@ -86,8 +94,9 @@ METHODS = ("approx_greedy", "greedy_plain", "random", "identity")
 # almost no pruning power.
 _REL_TOL = 1e-5
 # torch.mv on CPU (MKL) rounds a row's dot product identically whenever the batch has a multiple
-# of 8 rows (measured with torch 2.14; other counts use a different tail kernel). Padding every distance batch to a multiple of 8 rows makes the
-# fast and the plain method produce bit-identical distances, hence identical picks.
+# of 8 rows (measured with torch 2.14; other counts use a different tail kernel). Padding every
+# distance batch to a multiple of 8 rows makes the fast and the plain method produce bit-identical
+# distances, hence identical picks.
 _ROW_ALIGN = 8
 # Points per block of the fast method: large enough that the per-block work (one bound per block
 # and pick) stays small, small enough that the blocks' bounding balls stay tight.
@@ -152,8 +161,9 @@ def projected_width(in_dim: int, dim: int | None) -> int:
     return in_dim if dim is None or dim == in_dim else int(dim)
 
 
-def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: int = 65536,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def project(
+    features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: int = 65536, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Random linear projection (no bias) of (N, D) features to (N, dim) float32 on `device`.
 
     `features` may be a numpy array / memmap (float16 or float32) or a torch tensor. Rows are
@@ -175,11 +185,13 @@ def project(features, dim: int = 128, seed: int = 0, device="cpu", chunk_rows: i
     if out is None:
         out = torch.empty((n, width), dtype=torch.float32, device=device)
     elif tuple(out.shape) != (n, width) or out.dtype != torch.float32 or out.device.type != device.type:
-        raise ValueError(f"out must be a float32 ({n}, {width}) tensor on {device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
+        raise ValueError(
+            f"out must be a float32 ({n}, {width}) tensor on {device}, got {out.dtype} "
+            f"{tuple(out.shape)} on {out.device}"
+        )
     if width == d:
         for s in range(0, n, chunk_rows):
-            out[s:s + chunk_rows] = _rows_as_float32(features, s, min(n, s + chunk_rows), device)
+            out[s : s + chunk_rows] = _rows_as_float32(features, s, min(n, s + chunk_rows), device)
             _drop_mapped_pages(features)
         return out
     weight_t = _projection_matrix(d, int(dim), int(seed)).to(device).t()
@@ -213,9 +225,16 @@ def _num_picks(n: int, fraction: float) -> int:
     return max(1, int(n * fraction))
 
 
-def select_coreset(features, fraction: float, method: str = "approx_greedy", projection_dim: int = 128,
-                   num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
-                   progress: bool = True) -> np.ndarray:
+def select_coreset(
+    features,
+    fraction: float,
+    method: str = "approx_greedy",
+    projection_dim: int = 128,
+    num_starts: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Indices (int64) of the coreset of `features` (N, D), in selection order.
 
     Greedy methods return ``max(1, int(N * fraction))`` indices in the order they were picked;
@@ -227,8 +246,9 @@ def select_coreset(features, fraction: float, method: str = "approx_greedy", pro
     if trivial is not None:
         return trivial
     projected = project(features, projection_dim, seed=seed, device=device)
-    return select_from_projected(projected, fraction, method=method, num_starts=num_starts, seed=seed,
-                                 device=device, progress=progress)
+    return select_from_projected(
+        projected, fraction, method=method, num_starts=num_starts, seed=seed, device=device, progress=progress
+    )
 
 
 def _trivial_selection(n: int, fraction, method: str, seed: int) -> np.ndarray | None:
@@ -256,21 +276,35 @@ class GreedySelection:
     sq_distances: np.ndarray
 
 
-def select_from_projected(projected: torch.Tensor, fraction: float, method: str = "approx_greedy",
-                          num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
-                          progress: bool = True) -> np.ndarray:
+def select_from_projected(
+    projected: torch.Tensor,
+    fraction: float,
+    method: str = "approx_greedy",
+    num_starts: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
     """Like `select_coreset`, for features that are already projected ((N, d) tensor or array)."""
     n = int(projected.shape[0])
     trivial = _trivial_selection(n, fraction, method, seed)
     if trivial is not None:
         return trivial
-    return greedy_selection(projected, fraction, method=method, num_starts=num_starts, seed=seed,
-                            device=device, progress=progress).indices
+    return greedy_selection(
+        projected, fraction, method=method, num_starts=num_starts, seed=seed, device=device, progress=progress
+    ).indices
 
 
-def greedy_selection(projected: torch.Tensor, fraction: float, method: str = "approx_greedy",
-                     num_starts: int = 10, seed: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = True, prior: GreedySelection | None = None) -> GreedySelection:
+def greedy_selection(
+    projected: torch.Tensor,
+    fraction: float,
+    method: str = "approx_greedy",
+    num_starts: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    prior: GreedySelection | None = None,
+) -> GreedySelection:
     """Greedy selection of ``max(1, int(N * fraction))`` rows of `projected` ((N, d)), with the
     final distances; with `prior`, continue that selection (see "Incremental selection" above)
     instead of starting from the `num_starts` random start points."""
@@ -289,8 +323,13 @@ def greedy_selection(projected: torch.Tensor, fraction: float, method: str = "ap
         else:
             kept, min_sq = _continue_from(prior, y, sq_norms, n)
         n_picks = max(0, _num_picks(n, fraction) - len(kept))
-        bar = tqdm(total=n_picks, desc=f"coreset ({method})", disable=not progress or n_picks == 0, unit="pick",
-                   mininterval=0.5)
+        bar = tqdm(
+            total=n_picks,
+            desc=f"coreset ({method})",
+            disable=not progress or n_picks == 0,
+            unit="pick",
+            mininterval=0.5,
+        )
         try:
             if method == "greedy_plain":
                 picks = _greedy_plain(y, sq_norms, min_sq, n_picks, bar)
@@ -306,8 +345,9 @@ def greedy_selection(projected: torch.Tensor, fraction: float, method: str = "ap
     return GreedySelection(indices, final.cpu().numpy().astype(np.float32, copy=True))
 
 
-def _continue_from(prior: GreedySelection, y: torch.Tensor, sq_norms: torch.Tensor, n: int
-                   ) -> tuple[np.ndarray, torch.Tensor]:
+def _continue_from(
+    prior: GreedySelection, y: torch.Tensor, sq_norms: torch.Tensor, n: int
+) -> tuple[np.ndarray, torch.Tensor]:
     """Prior picks and the starting squared distances for a continued selection: known rows keep
     theirs, NaN rows get their squared distance to the nearest prior pick."""
     kept = np.asarray(prior.indices, dtype=np.int64)
@@ -321,18 +361,25 @@ def _continue_from(prior: GreedySelection, y: torch.Tensor, sq_norms: torch.Tens
     unknown = torch.from_numpy(np.flatnonzero(np.isnan(known))).to(y.device)
     if len(unknown):
         centres = torch.from_numpy(kept).to(y.device)
-        min_sq[unknown] = _sq_distance_to_nearest(y.index_select(0, unknown), sq_norms.index_select(0, unknown),
-                                                  y.index_select(0, centres), sq_norms.index_select(0, centres))
+        min_sq[unknown] = _sq_distance_to_nearest(
+            y.index_select(0, unknown),
+            sq_norms.index_select(0, unknown),
+            y.index_select(0, centres),
+            sq_norms.index_select(0, centres),
+        )
     min_sq[torch.from_numpy(kept).to(y.device)] = -1.0
     return kept, min_sq
 
 
-def _sq_distance_to_nearest(rows: torch.Tensor, rows_sq: torch.Tensor, centres: torch.Tensor,
-                            centres_sq: torch.Tensor) -> torch.Tensor:
+def _sq_distance_to_nearest(
+    rows: torch.Tensor, rows_sq: torch.Tensor, centres: torch.Tensor, centres_sq: torch.Tensor
+) -> torch.Tensor:
     """min over centres of |row - centre|^2, chunked (see _nearest_centre)."""
     step = _row_chunk(len(centres), rows.shape[0])
-    parts = [_nearest_centre(rows[s:s + step], rows_sq[s:s + step], centres, centres_sq)[0]
-             for s in range(0, rows.shape[0], step)]
+    parts = [
+        _nearest_centre(rows[s : s + step], rows_sq[s : s + step], centres, centres_sq)[0]
+        for s in range(0, rows.shape[0], step)
+    ]
     return torch.cat(parts).clamp_(min=0.0)
 
 
@@ -344,14 +391,15 @@ def _row_chunk(n_centres: int, max_rows: int) -> int:
     return max(1, min(max_rows, (1 << 24) // max(1, min(n_centres, _CENTRE_CHUNK))))
 
 
-def _nearest_centre(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, centres_sq: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_centre(
+    x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, centres_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(squared distance, index) of each row's nearest centre by the |x|^2 + |c|^2 - 2 x.c
     expansion, over centre chunks of _CENTRE_CHUNK: never an N x |centres| matrix."""
     best = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
     best_idx = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for t in range(0, len(centres), _CENTRE_CHUNK):
-        d2 = x_sq[:, None] + centres_sq[t:t + _CENTRE_CHUNK] - 2.0 * (x @ centres[t:t + _CENTRE_CHUNK].T)
+        d2 = x_sq[:, None] + centres_sq[t : t + _CENTRE_CHUNK] - 2.0 * (x @ centres[t : t + _CENTRE_CHUNK].T)
         val, idx = d2.min(dim=1)
         better = val < best
         best = torch.where(better, val, best)
@@ -381,7 +429,7 @@ def covering_radius(projected: torch.Tensor, selected: np.ndarray, chunk_rows: i
     radius, step = 0.0, _row_chunk(len(sel), chunk_rows)
     with torch.no_grad():
         for s in range(0, n, step):
-            x = y[s:s + step] - mean
+            x = y[s : s + step] - mean
             _, best_idx = _nearest_centre(x, (x * x).sum(dim=1), centres, centre_sq)
             exact = (x - centres[best_idx]).norm(dim=1)
             radius = max(radius, float(exact.max()))
@@ -416,11 +464,11 @@ def _prepare(projected, device: torch.device, chunk_rows: int = 65536) -> tuple[
     n, d = src.shape
     mean = torch.zeros(d, dtype=torch.float64, device=device)
     for s in range(0, n, chunk_rows):
-        mean += src[s:s + chunk_rows].to(device=device, dtype=torch.float64).sum(dim=0)
+        mean += src[s : s + chunk_rows].to(device=device, dtype=torch.float64).sum(dim=0)
     mean = (mean / n).to(torch.float32)
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
     for s in range(0, n, chunk_rows):
-        part = src[s:s + chunk_rows].to(device=device, dtype=torch.float32) - mean
+        part = src[s : s + chunk_rows].to(device=device, dtype=torch.float32) - mean
         cov += (part.T @ part).double()
     _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
     rotation = vecs.flip(1).to(torch.float32)
@@ -431,8 +479,8 @@ def _prepare(projected, device: torch.device, chunk_rows: int = 65536) -> tuple[
     y[n:] = y[0]
     sq_norms = torch.empty(len(y), dtype=torch.float32, device=device)
     for s in range(0, len(y), chunk_rows):  # row by row, so chunking leaves the values alone
-        part = y[s:s + chunk_rows]
-        torch.sum(part * part, dim=1, out=sq_norms[s:s + chunk_rows])
+        part = y[s : s + chunk_rows]
+        torch.sum(part * part, dim=1, out=sq_norms[s : s + chunk_rows])
     return y, sq_norms
 
 
@@ -443,8 +491,12 @@ def _start_points(n: int, num_starts: int, seed: int) -> np.ndarray:
     return rng.choice(n, min(int(num_starts), n), replace=False)
 
 
-def _sq_dists_to(rows: torch.Tensor, rows_sq: torch.Tensor, centre: torch.Tensor, centre_sq: torch.Tensor,
-                 ) -> torch.Tensor:
+def _sq_dists_to(
+    rows: torch.Tensor,
+    rows_sq: torch.Tensor,
+    centre: torch.Tensor,
+    centre_sq: torch.Tensor,
+) -> torch.Tensor:
     """Squared distances of `rows` (k, d) to one centre, clamped at 0.
 
     Both greedy methods call exactly this, with a row count that is a multiple of 8, so their
@@ -453,18 +505,19 @@ def _sq_dists_to(rows: torch.Tensor, rows_sq: torch.Tensor, centre: torch.Tensor
     return (rows_sq + centre_sq).sub_(dots, alpha=2.0).clamp_(min=0.0)
 
 
-def _initial_sq_distances(y: torch.Tensor, sq_norms: torch.Tensor, n: int, start_points: np.ndarray,
-                          chunk_rows: int = 65536) -> torch.Tensor:
+def _initial_sq_distances(
+    y: torch.Tensor, sq_norms: torch.Tensor, n: int, start_points: np.ndarray, chunk_rows: int = 65536
+) -> torch.Tensor:
     """Squared mean Euclidean distance of every point to the start points (reference rule);
     padding rows get -1."""
     starts = y[torch.as_tensor(start_points, device=y.device)]
     starts_sq = sq_norms[torch.as_tensor(start_points, device=y.device)]
     out = torch.empty(y.shape[0], dtype=torch.float32, device=y.device)
     for s in range(0, y.shape[0], chunk_rows):
-        x = y[s:s + chunk_rows]
-        d2 = (sq_norms[s:s + chunk_rows, None] + starts_sq[None, :]) - 2.0 * (x @ starts.T)
+        x = y[s : s + chunk_rows]
+        d2 = (sq_norms[s : s + chunk_rows, None] + starts_sq[None, :]) - 2.0 * (x @ starts.T)
         mean_dist = d2.clamp_(min=0.0).sqrt_().mean(dim=1)
-        out[s:s + chunk_rows] = mean_dist * mean_dist
+        out[s : s + chunk_rows] = mean_dist * mean_dist
     out[n:] = -1.0
     return out
 
@@ -482,9 +535,10 @@ def _greedy_plain(y, sq_norms, min_sq, n_picks, bar, chunk_rows: int = 65536) ->
         min_sq[idx] = -1.0
         centre, centre_sq = y[idx].clone(), sq_norms[idx]
         for s in range(0, y.shape[0], chunk_rows):  # chunk_rows and N are multiples of 8
-            part = min_sq[s:s + chunk_rows]
-            torch.minimum(part, _sq_dists_to(y[s:s + chunk_rows], sq_norms[s:s + chunk_rows], centre, centre_sq),
-                          out=part)
+            part = min_sq[s : s + chunk_rows]
+            torch.minimum(
+                part, _sq_dists_to(y[s : s + chunk_rows], sq_norms[s : s + chunk_rows], centre, centre_sq), out=part
+            )
         bar.update(1)
     return picks
 
@@ -509,7 +563,7 @@ def _tree_order(z: torch.Tensor, num_blocks: int, block: int, max_rows_per_batch
             offsets = torch.arange(rows, device=device)
             per_batch = max(1, max_rows_per_batch // rows)
             for i in range(0, len(starts), per_batch):
-                st = torch.tensor(starts[i:i + per_batch], device=device)
+                st = torch.tensor(starts[i : i + per_batch], device=device)
                 pos = (st[:, None] + offsets).view(-1)  # positions in `order`, node by node
                 idx = order.index_select(0, pos).view(len(st), rows)
                 x = z.index_select(0, idx.view(-1)).view(len(st), rows, z.shape[1])
@@ -536,8 +590,9 @@ class _Blocks:
     min-distance, and for the second-stage bound the leading `lead` coordinates (a contiguous
     copy) and the norm of the remaining coordinates of x - m_b."""
 
-    def __init__(self, y: torch.Tensor, sq_norms: torch.Tensor, min_sq: torch.Tensor,
-                 block: int = _BLOCK, lead: int = _LEAD_DIMS):
+    def __init__(
+        self, y: torch.Tensor, sq_norms: torch.Tensor, min_sq: torch.Tensor, block: int = _BLOCK, lead: int = _LEAD_DIMS
+    ):
         total, dim = y.shape
         self.block = block
         self.num = -(-total // block)
@@ -566,9 +621,9 @@ class _Blocks:
         self.rest = torch.empty_like(self.cur)  # |x - m_b| over the non-leading coordinates
         step = max(1, (1 << 16) // block)  # blocks per chunk: 64k points of temporaries at a time
         for s in range(0, self.num, step):
-            diff = self.x[s:s + step] - self.centre[s:s + step, None]
-            radius[s:s + step] = diff.norm(dim=2).amax(dim=1)
-            self.rest[s:s + step] = diff[:, :, lead:].norm(dim=2)
+            diff = self.x[s : s + step] - self.centre[s : s + step, None]
+            radius[s : s + step] = diff.norm(dim=2).amax(dim=1)
+            self.rest[s : s + step] = diff[:, :, lead:].norm(dim=2)
         # Rounding slack: these enter lower bounds with a minus sign, never underestimate them.
         self.radius = radius * (1.0 + _REL_TOL)
         self.rest *= 1.0 + _REL_TOL

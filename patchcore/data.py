@@ -77,8 +77,11 @@ def resolve_samples(source: str | Path | Sequence[str | Path], split: str = "tra
         src = Path(source).expanduser()
         if src.is_dir():
             if is_mvtec_root(src):
-                samples = ([Sample(p, 0, GOOD) for p in _images_in(src / "train" / GOOD)]
-                           if split == "train" else _mvtec_test(src))
+                samples = (
+                    [Sample(p, 0, GOOD) for p in _images_in(src / "train" / GOOD)]
+                    if split == "train"
+                    else _mvtec_test(src)
+                )
             else:
                 samples = [Sample(p) for p in _images_in(src)]
         elif src.is_file():
@@ -139,12 +142,14 @@ def load_rgb(item: str | Path | np.ndarray | Image.Image) -> Image.Image:
 
 def image_transform(resize: int, crop: int, mean, std) -> transforms.Compose:
     # PIL-based torchvision transforms, exactly as the reference preprocesses (antialiased bilinear).
-    return transforms.Compose([
-        transforms.Resize(resize),
-        transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=list(mean), std=list(std)),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(resize),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
 
 
 def load_mask(path: Path | None, resize: int, crop: int) -> np.ndarray:
@@ -171,10 +176,16 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.items[index])), index
 
 
-def make_loader(items: Sequence, transform: transforms.Compose, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    items: Sequence, transform: transforms.Compose, batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
     # Workers decode and resize the next batches while the backbone runs on the current one.
     workers = num_workers if len(items) > batch_size else 0
     return torch.utils.data.DataLoader(
-        ImageDataset(items, transform), batch_size=batch_size, shuffle=False, num_workers=workers,
-        persistent_workers=False, prefetch_factor=2 if workers else None,
+        ImageDataset(items, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=2 if workers else None,
     )

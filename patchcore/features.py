@@ -63,7 +63,9 @@ class _LayerMap:
 
 
 @functools.lru_cache(maxsize=16)
-def _layer_maps(channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int) -> tuple[_LayerMap, ...]:
+def _layer_maps(
+    channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int
+) -> tuple[_LayerMap, ...]:
     merge_starts, merge_widths = _pooling_bins(len(channels) * pretrain_dim, target_dim)
     maps = []
     for layer, c in enumerate(channels):
@@ -108,5 +110,5 @@ def patch_features(
         if tuple(y.shape[-2:]) != grid:
             y = F.interpolate(y, size=grid, mode="bilinear", align_corners=False)
         y = y.permute(0, 2, 3, 1)  # (B, h, w, rows); free when the backbone runs channels-last
-        patches[..., m.rows[0]:m.rows[1]] += y
+        patches[..., m.rows[0] : m.rows[1]] += y
     return patches

@@ -39,8 +39,15 @@ def exact_sq_distances(rows: np.ndarray, queries: np.ndarray, indices: np.ndarra
     n, k = indices.shape
     out = np.empty((n, k), dtype=np.float32)
     if n and k:
-        faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(rows),
-                                faiss.swig_ptr(indices), rows.shape[1], n, k)
+        faiss.fvec_L2sqr_by_idx(
+            faiss.swig_ptr(out),
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(rows),
+            faiss.swig_ptr(indices),
+            rows.shape[1],
+            n,
+            k,
+        )
     return out
 
 
@@ -177,7 +184,7 @@ class BoundedIndex:
         self.lead_index = faiss.IndexFlatL2(self.lead)  # the bound: distances over the leading axes
         self.max_centred_sq = 0.0
         for start in range(0, self.ntotal, 8192):  # in chunks: no bank-sized temporaries
-            centred = self.bank[start:start + 8192] - self.mean
+            centred = self.bank[start : start + 8192] - self.mean
             self.lead_index.add(self._lead_coords(centred))
             self.max_centred_sq = max(self.max_centred_sq, float(np.einsum("ij,ij->i", centred, centred).max()))
         # Rounding of the bound's float32 products: |error| <= ~lead * 2^-24 * (|q|^2 + |b|^2),
@@ -186,9 +193,16 @@ class BoundedIndex:
         self.stats = {"queries": 0, "settled": 0}
 
     @classmethod
-    def build(cls, bank: np.ndarray, fallback: FaissIndex | None = None, variance: float = 0.98,
-              candidates: int = 16, sample_rows: int = 8192, seed: int = 0, max_lead_share: float = 0.5
-              ) -> BoundedIndex | None:
+    def build(
+        cls,
+        bank: np.ndarray,
+        fallback: FaissIndex | None = None,
+        variance: float = 0.98,
+        candidates: int = 16,
+        sample_rows: int = 8192,
+        seed: int = 0,
+        max_lead_share: float = 0.5,
+    ) -> BoundedIndex | None:
         """The index for `bank`, or None when its spectrum is too flat for the bound to pay (the
         leading axes that carry `variance` of it are more than `max_lead_share` of all).
 
@@ -198,7 +212,11 @@ class BoundedIndex:
         n, dim = bank.shape
         if n <= candidates + 1:
             return None
-        rows = bank if n <= sample_rows else bank[np.sort(np.random.default_rng(seed).choice(n, sample_rows, replace=False))]
+        rows = (
+            bank
+            if n <= sample_rows
+            else bank[np.sort(np.random.default_rng(seed).choice(n, sample_rows, replace=False))]
+        )
         mean = rows.mean(axis=0, dtype=np.float64)
         centred = rows - mean.astype(np.float32)
         # float32 scatter matrix (fast BLAS), float64 eigenvectors: orthonormal either way, which
@@ -253,8 +271,9 @@ def faiss_gpu_usable() -> bool:
         return False
 
 
-def make_index(bank: np.ndarray, backend: str = "auto", device: torch.device | str = "cpu",
-               cpu_index: faiss.Index | None = None):
+def make_index(
+    bank: np.ndarray, backend: str = "auto", device: torch.device | str = "cpu", cpu_index: faiss.Index | None = None
+):
     """The search object for `bank`; `cpu_index` re-uses an index read from disk."""
     device = torch.device(device)
     if backend == "auto":
@@ -273,8 +292,10 @@ def make_index(bank: np.ndarray, backend: str = "auto", device: torch.device | s
         return BoundedIndex.build(bank, base, max_lead_share=1.0) or base
     if backend == "faiss-gpu":
         if not faiss_gpu_usable():
-            raise RuntimeError("scoring.knn_backend=faiss-gpu, but this faiss build cannot run on a GPU here; "
-                               "use 'torch' (exact, any CUDA GPU) or 'faiss' (CPU)")
+            raise RuntimeError(
+                "scoring.knn_backend=faiss-gpu, but this faiss build cannot run on a GPU here; "
+                "use 'torch' (exact, any CUDA GPU) or 'faiss' (CPU)"
+            )
         return FaissGpuIndex((base or FaissIndex.from_bank(bank)).index, device.index or 0)
     if backend == "torch":
         return TorchIndex(bank, device)

@@ -89,9 +89,7 @@ def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     if a.ndim == 2:
         a = a[None]
     if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(
-            f"masks and maps must have shape (N, H, W), got {m.shape} and {a.shape}"
-        )
+        raise ValueError(f"masks and maps must have shape (N, H, W), got {m.shape} and {a.shape}")
     if m.shape != a.shape:
         raise ValueError(f"masks shape {m.shape} does not match maps shape {a.shape}")
     if m.size == 0:
@@ -143,9 +141,7 @@ def _region_weights(masks: np.ndarray) -> np.ndarray:
         weights.append(1.0 / sizes[region_ids])
         n_regions += n
     if n_regions == 0:
-        raise ValueError(
-            "pro_auc needs at least one ground-truth defect region; masks are all empty"
-        )
+        raise ValueError("pro_auc needs at least one ground-truth defect region; masks are all empty")
     return np.concatenate(weights) / n_regions
 
 

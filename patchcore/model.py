@@ -75,8 +75,10 @@ class Predictions:
         flags = self.is_anomalous
         out = []
         for i, item in enumerate(self.items):
-            record: dict[str, Any] = {"path": str(item) if isinstance(item, (str, Path)) else None,
-                                      "score": float(self.scores[i])}
+            record: dict[str, Any] = {
+                "path": str(item) if isinstance(item, (str, Path)) else None,
+                "score": float(self.scores[i]),
+            }
             if flags is not None:
                 record["is_anomalous"] = bool(flags[i])
             out.append(record)
@@ -141,7 +143,9 @@ class PatchCore:
             extractor = FeatureExtractor(model, layers, timm_model=cfg.backbone.name.startswith(TIMM_PREFIX))
             extractor = extractor.to(device=device, memory_format=torch.channels_last).eval()
             self.weights_, self.layers_ = identity, layers
-            self._runtime = _Runtime(extractor, device, image_transform(cfg.image.resize, cfg.image.crop, identity.mean, identity.std))
+            self._runtime = _Runtime(
+                extractor, device, image_transform(cfg.image.resize, cfg.image.crop, identity.mean, identity.std)
+            )
         return self._runtime
 
     def _batch_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,9 @@ class PatchCore:
         with torch.inference_mode():
             return patch_features(rt.extractor(images), f.patch_size, f.pretrain_dim, f.target_dim)
 
-    def embed(self, images: Any, progress: bool = True, desc: str = "extracting features") -> Iterator[tuple[int, np.ndarray]]:
+    def embed(
+        self, images: Any, progress: bool = True, desc: str = "extracting features"
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (position, patch features of shape (h·w, target_dim) float32) per input image."""
         rt = self._setup()
         items = _as_items(images)
@@ -174,15 +180,22 @@ class PatchCore:
         self._setup()
         start = time.perf_counter()
         features = (f for _, f in self.embed(items, progress=progress))
-        self.fit_features(features, n_images=len(items), progress=progress, scratch_dir=scratch_dir,
-                          _extraction_start=start)
+        self.fit_features(
+            features, n_images=len(items), progress=progress, scratch_dir=scratch_dir, _extraction_start=start
+        )
         if paths and len(paths) == len(items):
             self.provenance_["train_images_sha256"] = dataset_sha256(paths)
         return self
 
-    def fit_features(self, features: Iterable[np.ndarray], n_images: int | None = None, progress: bool = True,
-                     scratch_dir: str | Path | None = None, warm_start=None,
-                     _extraction_start: float | None = None) -> PatchCore:
+    def fit_features(
+        self,
+        features: Iterable[np.ndarray],
+        n_images: int | None = None,
+        progress: bool = True,
+        scratch_dir: str | Path | None = None,
+        warm_start=None,
+        _extraction_start: float | None = None,
+    ) -> PatchCore:
         """Build the bank from per-image patch features (each (h·w, dim)), e.g. read from a cache.
 
         `warm_start` (a `coreset.GreedySelection` over these rows: an earlier fit's
@@ -191,8 +204,10 @@ class PatchCore:
         self._setup()
         cfg = self.config
         if warm_start is not None and (cfg.coreset.method != "approx_greedy" or cfg.coreset.fraction >= 1.0):
-            raise ValueError("warm_start needs the approx_greedy coreset with fraction < 1, "
-                             f"not {cfg.coreset.method} at fraction {cfg.coreset.fraction}")
+            raise ValueError(
+                "warm_start needs the approx_greedy coreset with fraction < 1, "
+                f"not {cfg.coreset.method} at fraction {cfg.coreset.fraction}"
+            )
         dim = cfg.features.target_dim
         greedy = cfg.coreset.method == "approx_greedy" and cfg.coreset.fraction < 1.0
         projected = _RowBuffer(n_images, coreset_lib.projected_width(dim, cfg.coreset.projection_dim))
@@ -207,8 +222,12 @@ class PatchCore:
                         raise ValueError(f"patch features must have shape (patches, {dim}), got {feats.shape}")
                     out.write(feats.data)
                     if greedy:
-                        coreset_lib.project(feats, cfg.coreset.projection_dim, seed=cfg.runtime.seed,
-                                            out=projected.next_rows(len(feats)))
+                        coreset_lib.project(
+                            feats,
+                            cfg.coreset.projection_dim,
+                            seed=cfg.runtime.seed,
+                            out=projected.next_rows(len(feats)),
+                        )
                     rows += len(feats)
                     images += 1
             if rows == 0:
@@ -222,7 +241,9 @@ class PatchCore:
         self.memory_bank_ = bank.astype(cfg.runtime.bank_dtype)
         self.n_train_images_, self.n_train_patches_ = n_images or images, rows
         self._index = None  # a new bank: the search index is built when first used
-        logger.info("memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction)
+        logger.info(
+            "memory bank: %d of %d patches (%s, fraction %s)", len(bank), rows, cfg.coreset.method, cfg.coreset.fraction
+        )
         return self
 
     def _select(self, rows: int, projected: torch.Tensor | None, progress: bool, warm_start=None) -> np.ndarray | None:
@@ -231,10 +252,18 @@ class PatchCore:
         if c.method == "identity" or c.fraction >= 1.0:
             return None
         if c.method == "random":
-            return coreset_lib.select_coreset(np.empty((rows, 1), np.float32), c.fraction, method="random", seed=seed, progress=False)
+            return coreset_lib.select_coreset(
+                np.empty((rows, 1), np.float32), c.fraction, method="random", seed=seed, progress=False
+            )
         self.coreset_state_ = coreset_lib.greedy_selection(
-            projected, c.fraction, num_starts=c.num_starts, seed=seed,
-            device=self._runtime.device, progress=progress, prior=warm_start)
+            projected,
+            c.fraction,
+            num_starts=c.num_starts,
+            seed=seed,
+            device=self._runtime.device,
+            progress=progress,
+            prior=warm_start,
+        )
         return self.coreset_state_.indices
 
     # -- predict ---------------------------------------------------------------------------
@@ -244,8 +273,11 @@ class PatchCore:
         built the first time it is needed (a fit whose model is only saved never pays for it);
         load builds it at once, so a served model answers its first request without that delay."""
         if self._index is None and self.memory_bank_ is not None:
-            self._index = make_index(self.memory_bank_.astype(np.float32), self.config.scoring.knn_backend,
-                                     resolve_device(self.config.runtime.device))
+            self._index = make_index(
+                self.memory_bank_.astype(np.float32),
+                self.config.scoring.knn_backend,
+                resolve_device(self.config.runtime.device),
+            )
         return self._index
 
     @index_.setter
@@ -285,8 +317,12 @@ class PatchCore:
     def anomaly_maps(self, patch_grid_scores: np.ndarray) -> np.ndarray:
         """(B, h, w) patch scores -> (B, crop, crop) maps: bilinear upsampling, Gaussian smoothing."""
         crop = self.config.image.crop
-        up = F.interpolate(torch.from_numpy(patch_grid_scores).float()[:, None], size=(crop, crop),
-                           mode="bilinear", align_corners=False)[:, 0].numpy()
+        up = F.interpolate(
+            torch.from_numpy(patch_grid_scores).float()[:, None],
+            size=(crop, crop),
+            mode="bilinear",
+            align_corners=False,
+        )[:, 0].numpy()
         sigma = self.config.scoring.smoothing_sigma
         return np.stack([ndimage.gaussian_filter(m, sigma=sigma) for m in up]) if sigma > 0 else up
 
@@ -338,10 +374,19 @@ class PatchCore:
                 "format": "patchcore-model",
                 "format_version": FORMAT_VERSION,
                 "config": self.config.to_dict(),
-                "backbone": {"name": self.config.backbone.name, "layers": self.layers_, "weights": self.weights_.to_dict()},
-                "memory_bank": {"size": int(len(self.memory_bank_)), "dim": int(self.memory_bank_.shape[1]),
-                                "dtype": str(self.memory_bank_.dtype), "train_images": self.n_train_images_,
-                                "train_patches": self.n_train_patches_, "patch_grid": list(self.grid_ or ())},
+                "backbone": {
+                    "name": self.config.backbone.name,
+                    "layers": self.layers_,
+                    "weights": self.weights_.to_dict(),
+                },
+                "memory_bank": {
+                    "size": int(len(self.memory_bank_)),
+                    "dim": int(self.memory_bank_.shape[1]),
+                    "dtype": str(self.memory_bank_.dtype),
+                    "train_images": self.n_train_images_,
+                    "train_patches": self.n_train_patches_,
+                    "patch_grid": list(self.grid_ or ()),
+                },
                 "threshold": self.threshold_,
                 "calibration": self.calibration_,
                 "provenance": {**self.provenance_, "torch": torch.__version__},
@@ -367,8 +412,13 @@ class PatchCore:
             config = PatchCoreConfig.from_dict(meta["config"])
         except ValueError as exc:
             raise ModelFileError(f"{directory / MODEL_JSON}: invalid config ({exc})") from None
-        recorded = WeightsIdentity(**{**meta["backbone"]["weights"], "mean": tuple(meta["backbone"]["weights"]["mean"]),
-                                      "std": tuple(meta["backbone"]["weights"]["std"])})
+        recorded = WeightsIdentity(
+            **{
+                **meta["backbone"]["weights"],
+                "mean": tuple(meta["backbone"]["weights"]["mean"]),
+                "std": tuple(meta["backbone"]["weights"]["std"]),
+            }
+        )
         backbone = config.backbone
         if recorded.kind == "file":
             backbone.weights = weights or env_weights() or recorded.source
@@ -382,8 +432,10 @@ class PatchCore:
         index = FaissIndex.read(directory / INDEX_FILE)
         info = meta["memory_bank"]
         if bank.shape != (info["size"], info["dim"]) or index.ntotal != len(bank) or index.dim != bank.shape[1]:
-            raise ModelFileError(f"{directory}: memory bank {bank.shape} and index ({index.ntotal}, {index.dim}) "
-                                 f"do not match model.json ({info['size']}, {info['dim']})")
+            raise ModelFileError(
+                f"{directory}: memory bank {bank.shape} and index ({index.ntotal}, {index.dim}) "
+                f"do not match model.json ({info['size']}, {info['dim']})"
+            )
         model.memory_bank_ = bank
         model.grid_ = tuple(info.get("patch_grid") or ()) or None
         model.n_train_images_, model.n_train_patches_ = info["train_images"], info["train_patches"]
@@ -392,8 +444,9 @@ class PatchCore:
         model.provenance_ = meta.get("provenance") or {}
         model.timings_ = meta.get("timings") or {}
         model._setup()  # rebuilds the backbone and refuses weights that differ from the record
-        model.index_ = make_index(bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device,
-                                  cpu_index=index.index)
+        model.index_ = make_index(
+            bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device, cpu_index=index.index
+        )
         return model
 
 
@@ -417,14 +470,14 @@ class _RowBuffer:
             self.data = torch.empty(count * self.expected_images, self.width, dtype=torch.float32)
         if self.n + count > len(self.data):
             grown = torch.empty(max(self.n + count, len(self.data) * 3 // 2), self.width, dtype=torch.float32)
-            grown[:self.n] = self.data[:self.n]
+            grown[: self.n] = self.data[: self.n]
             self.data = grown
-        view = self.data[self.n:self.n + count]
+        view = self.data[self.n : self.n + count]
         self.n += count
         return view
 
     def rows(self) -> torch.Tensor | None:
-        return None if self.data is None else self.data[:self.n]
+        return None if self.data is None else self.data[: self.n]
 
 
 def _read_rows(path: Path, n_rows: int, dim: int, rows: np.ndarray | None) -> np.ndarray:
@@ -474,8 +527,10 @@ def read_model_json(directory: Path) -> dict[str, Any]:
     if meta.get("format") != "patchcore-model":
         raise ModelFileError(f"{path}: not a PatchCore model file")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format version {meta.get('format_version')} is not supported "
-                             f"by this version of patchcore (expects {FORMAT_VERSION})")
+        raise ModelFileError(
+            f"{path}: format version {meta.get('format_version')} is not supported "
+            f"by this version of patchcore (expects {FORMAT_VERSION})"
+        )
     for key in ("config", "backbone", "memory_bank", "files"):
         if key not in meta:
             raise ModelFileError(f"{path}: missing key {key!r}")
@@ -484,15 +539,19 @@ def read_model_json(directory: Path) -> dict[str, Any]:
 
 def _check_same_weights(recorded: WeightsIdentity, actual: WeightsIdentity) -> None:
     if recorded.kind != actual.kind or (recorded.sha256 and recorded.sha256 != actual.sha256):
-        raise WeightsError(f"backbone weights differ from the ones this model was built with: recorded "
-                           f"{recorded.kind} {recorded.source} (sha256 {recorded.sha256}), got {actual.kind} "
-                           f"{actual.source} (sha256 {actual.sha256})")
+        raise WeightsError(
+            f"backbone weights differ from the ones this model was built with: recorded "
+            f"{recorded.kind} {recorded.source} (sha256 {recorded.sha256}), got {actual.kind} "
+            f"{actual.source} (sha256 {actual.sha256})"
+        )
     if recorded.kind == "random" and recorded.source != actual.source:
         raise WeightsError(f"random backbone seed differs: model was built with {recorded.source}, got {actual.source}")
     if tuple(recorded.mean) != tuple(actual.mean) or tuple(recorded.std) != tuple(actual.std):
-        raise WeightsError(f"input normalisation differs from the one this model was built with: recorded "
-                           f"mean {list(recorded.mean)} std {list(recorded.std)} ({recorded.normalization_source}), "
-                           f"now mean {list(actual.mean)} std {list(actual.std)} ({actual.normalization_source})")
+        raise WeightsError(
+            f"input normalisation differs from the one this model was built with: recorded "
+            f"mean {list(recorded.mean)} std {list(recorded.std)} ({recorded.normalization_source}), "
+            f"now mean {list(actual.mean)} std {list(actual.std)} ({actual.normalization_source})"
+        )
 
 
 def dataset_sha256(paths: Sequence[str | Path]) -> str:

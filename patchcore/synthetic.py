@@ -194,9 +194,7 @@ def render_sample(
         raise ValueError(f"index must be non-negative, got {index}")
 
     style = _style(seed, product, color)
-    rng = np.random.default_rng(
-        [seed, _product_key(product), _SPLITS.index(split), _KINDS.index(kind), index]
-    )
+    rng = np.random.default_rng([seed, _product_key(product), _SPLITS.index(split), _KINDS.index(kind), index])
     nominal = _nominal(style, rng, size_px, color)
     if kind == "scratch":
         image, mask = _scratch(nominal, rng, size_px)
@@ -278,9 +276,7 @@ def generate_product(
             )
 
     planned = {p for *_, img, mask in plan for p in (img, mask) if p is not None}
-    existing = [
-        p for sub in ("train", "test", "ground_truth") for p in (folder / sub).rglob("*.png")
-    ]
+    existing = [p for sub in ("train", "test", "ground_truth") for p in (folder / sub).rglob("*.png")]
     foreign = sorted(p for p in existing if p not in planned)
     if foreign:
         raise FileExistsError(

@@ -92,8 +92,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            f"pipeline.holdout_fraction must be in (0, 1), got {self.holdout_fraction}": 0.0 < self.holdout_fraction < 1.0,
-            f"pipeline.calibration_fraction must be in (0, 1), got {self.calibration_fraction}": 0.0 < self.calibration_fraction < 1.0,
+            f"pipeline.holdout_fraction must be in (0, 1), got {self.holdout_fraction}": 0.0
+            < self.holdout_fraction
+            < 1.0,
+            f"pipeline.calibration_fraction must be in (0, 1), got {self.calibration_fraction}": 0.0
+            < self.calibration_fraction
+            < 1.0,
             f"pipeline.target_fpr must be in [0, 1), got {self.target_fpr}": 0.0 <= self.target_fpr < 1.0,
             f"pipeline.heatmap_grid_size must be >= 0, got {self.heatmap_grid_size}": self.heatmap_grid_size >= 0,
         }
@@ -158,8 +162,9 @@ class OperationsConfig:
 
     def __post_init__(self) -> None:
         if not self.schedule or not all(isinstance(v, str) and len(v.split()) == 5 for v in self.schedule.values()):
-            raise ConfigError(f"operations.schedule must map products (or `default`) to 5-field cron strings, "
-                              f"got {self.schedule!r}")
+            raise ConfigError(
+                f"operations.schedule must map products (or `default`) to 5-field cron strings, got {self.schedule!r}"
+            )
         if self.watch_interval_seconds <= 0 or self.settle_seconds < 0:
             raise ConfigError("operations.watch_interval_seconds must be > 0 and settle_seconds >= 0")
         if self.max_concurrent_trainings < 1:
@@ -214,8 +219,10 @@ def with_overrides(params: Params, overrides: dict[str, Any] | None) -> Params:
         for part in path:
             target = target.get(part) if isinstance(target, dict) else None
         if not isinstance(target, dict) or last not in target:
-            raise ConfigError(f"unknown setting {dotted!r} (keys look like model.coreset.fraction, "
-                              f"pipeline.holdout_fraction, promotion.metric)")
+            raise ConfigError(
+                f"unknown setting {dotted!r} (keys look like model.coreset.fraction, "
+                f"pipeline.holdout_fraction, promotion.metric)"
+            )
         target[last] = value
     return Params.from_dict(data)
 

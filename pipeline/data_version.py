@@ -57,6 +57,7 @@ def dir_md5(folder: str | Path) -> str:
 
 # -- git and DVC files ------------------------------------------------------------------------
 
+
 def repo_root(start: str | Path) -> Path | None:
     """The git work tree holding `start` (None outside one)."""
     start = Path(start).resolve()
@@ -102,6 +103,7 @@ def _cached_listing(root: Path, md5: str) -> list[dict[str, str]] | None:
 
 # -- the record -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DataVersion:
     product: str
@@ -127,8 +129,10 @@ class DataVersion:
 
     def tags(self) -> dict[str, str]:
         """MLflow tags (run and registered model version): data.product, data.md5, ..."""
-        return {f"{TAG_PREFIX}{k}": ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
-                for k, v in self.to_dict().items()}
+        return {
+            f"{TAG_PREFIX}{k}": ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in self.to_dict().items()
+        }
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> DataVersion:
@@ -171,16 +175,27 @@ def data_version(product_dir: str | Path, product: str | None = None) -> DataVer
             listing_at = _cached_listing(root or dvc_file.parent, dvc_md5)
             if listing_at is not None:
                 prefix = folder.relative_to(out_dir).as_posix() + "/"
-                sub = [{"md5": e["md5"], "relpath": e["relpath"][len(prefix):]}
-                       for e in listing_at if e["relpath"].startswith(prefix)]
+                sub = [
+                    {"md5": e["md5"], "relpath": e["relpath"][len(prefix) :]}
+                    for e in listing_at
+                    if e["relpath"].startswith(prefix)
+                ]
                 in_dvc = bool(sub) and _listing_md5(sub) == md5
 
     def rel(p: Path) -> str:
         return p.relative_to(root).as_posix() if root and p.is_relative_to(root) else str(p)
 
-    return DataVersion(product=product or folder.name, path=rel(folder), md5=md5, n_files=len(listing),
-                       git_commit=commit, git_dirty=dirty, dvc_file=rel(dvc_file) if dvc_file else None,
-                       dvc_md5=dvc_md5, in_dvc=in_dvc)
+    return DataVersion(
+        product=product or folder.name,
+        path=rel(folder),
+        md5=md5,
+        n_files=len(listing),
+        git_commit=commit,
+        git_dirty=dirty,
+        dvc_file=rel(dvc_file) if dvc_file else None,
+        dvc_md5=dvc_md5,
+        in_dvc=in_dvc,
+    )
 
 
 def changed_since(product_dir: str | Path, recorded: DataVersion | dict[str, Any] | str | None) -> bool:
@@ -201,12 +216,22 @@ def changed_since(product_dir: str | Path, recorded: DataVersion | dict[str, Any
 
 def reproduce_instructions(record: DataVersion | dict[str, Any], model: str | None = None) -> str:
     """The commands that rebuild a model from its recorded data version."""
-    v = record if isinstance(record, DataVersion) else (
-        DataVersion.from_tags(record) if any(k.startswith(TAG_PREFIX) for k in record) else DataVersion.from_dict(record))
+    v = (
+        record
+        if isinstance(record, DataVersion)
+        else (
+            DataVersion.from_tags(record)
+            if any(k.startswith(TAG_PREFIX) for k in record)
+            else DataVersion.from_dict(record)
+        )
+    )
     what = f"{model} (product {v.product!r})" if model else f"product {v.product!r}"
     lines = [f"To rebuild {what} from its data version {v.md5} ({v.n_files} files in {v.path}):", ""]
     if v.git_commit:
-        lines.append(f"  git checkout {v.git_commit}        # code, params.yaml, dvc.yaml and {v.dvc_file or 'data.dvc'} as trained")
+        lines.append(
+            f"  git checkout {v.git_commit}        "
+            f"# code, params.yaml, dvc.yaml and {v.dvc_file or 'data.dvc'} as trained"
+        )
     else:
         lines.append("  # no git commit was recorded: check out the code the model was trained with")
     lines += [
@@ -216,15 +241,20 @@ def reproduce_instructions(record: DataVersion | dict[str, Any], model: str | No
     ]
     notes = []
     if v.git_dirty:
-        notes.append("the working tree had uncommitted changes when it was trained: the commit alone may not "
-                     "give the same model")
+        notes.append(
+            "the working tree had uncommitted changes when it was trained: the commit alone may not give the same model"
+        )
     if v.in_dvc is False:
-        notes.append(f"{v.dvc_file or 'data.dvc'} at that commit does not hold this version of {v.path} "
-                     "(`dvc add` was not run after the images changed): `dvc pull` restores different images; "
-                     "restore them from the original source and check the md5 as above")
+        notes.append(
+            f"{v.dvc_file or 'data.dvc'} at that commit does not hold this version of {v.path} "
+            "(`dvc add` was not run after the images changed): `dvc pull` restores different images; "
+            "restore them from the original source and check the md5 as above"
+        )
     elif v.in_dvc is None and v.dvc_file:
-        notes.append(f"it was not checked that {v.dvc_file} holds this version (its listing was not in the "
-                     "local DVC cache); the `patchcore data check` step above tells")
+        notes.append(
+            f"it was not checked that {v.dvc_file} holds this version (its listing was not in the "
+            "local DVC cache); the `patchcore data check` step above tells"
+        )
     if not v.dvc_file:
         notes.append(f"{v.path} was not tracked by DVC: run `dvc add` on its parent (data/) and commit the .dvc file")
     if notes:
@@ -232,5 +262,12 @@ def reproduce_instructions(record: DataVersion | dict[str, Any], model: str | No
     return "\n".join(lines)
 
 
-__all__ = ["DataVersion", "changed_since", "data_version", "dir_md5", "file_md5",
-           "reproduce_instructions", "tracking_dvc_file"]
+__all__ = [
+    "DataVersion",
+    "changed_since",
+    "data_version",
+    "dir_md5",
+    "file_md5",
+    "reproduce_instructions",
+    "tracking_dvc_file",
+]

@@ -45,9 +45,17 @@ class Inspection:
         return sum(row["is_anomalous"] for row in self.rows)
 
 
-def inspect_images(registry: Registry, product: str, images: str | Path, out: str | Path, *,
-                   alias: str | None = None, version: str | int | None = None, maps: bool = True,
-                   progress: bool = True) -> Inspection:
+def inspect_images(
+    registry: Registry,
+    product: str,
+    images: str | Path,
+    out: str | Path,
+    *,
+    alias: str | None = None,
+    version: str | int | None = None,
+    maps: bool = True,
+    progress: bool = True,
+) -> Inspection:
     """Score `images` (a folder, searched recursively, an MVTec test/ folder or a text file of
     paths) with the product's version `version`, else the one behind `alias` (default champion),
     and write the scores and heatmaps under `out`. Registry errors (unknown product, no such alias)
@@ -59,23 +67,50 @@ def inspect_images(registry: Registry, product: str, images: str | Path, out: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threshold = model.threshold_
-    rows = tuple({"path": str(item), "score": float(score), "is_anomalous": bool(score >= threshold),
-                  "threshold": threshold} for item, score in zip(predictions.items, predictions.scores, strict=True))
+    rows = tuple(
+        {"path": str(item), "score": float(score), "is_anomalous": bool(score >= threshold), "threshold": threshold}
+        for item, score in zip(predictions.items, predictions.scores, strict=True)
+    )
     scores_csv, scores_json = out / "scores.csv", out / "scores.json"
     with open(scores_csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     name, rule = registry.model_name(product), model.calibration_.get("rule")
-    write_json(scores_json, {"product": product, "model": name, "version": str(found.version), "alias": alias,
-                             "tracking_uri": registry.uri, "threshold": threshold, "threshold_rule": rule,
-                             "images": list(rows)})
+    write_json(
+        scores_json,
+        {
+            "product": product,
+            "model": name,
+            "version": str(found.version),
+            "alias": alias,
+            "tracking_uri": registry.uri,
+            "threshold": threshold,
+            "threshold_rule": rule,
+            "images": list(rows),
+        },
+    )
     heatmaps: list[Path] = []
     if maps:
         from patchcore.viz import write_overlays  # noqa: PLC0415  # lazy: matplotlib, only when heatmaps are drawn
 
-        heatmaps = write_overlays(predictions.items, predictions.anomaly_maps, out / "heatmaps",
-                                  model.config.image.resize, model.config.image.crop)
-    return Inspection(product=product, model=name, version=str(found.version), alias=alias, tracking_uri=registry.uri,
-                      threshold=threshold, threshold_rule=rule, rows=rows, scores_csv=scores_csv,
-                      scores_json=scores_json, heatmaps=tuple(heatmaps))
+        heatmaps = write_overlays(
+            predictions.items,
+            predictions.anomaly_maps,
+            out / "heatmaps",
+            model.config.image.resize,
+            model.config.image.crop,
+        )
+    return Inspection(
+        product=product,
+        model=name,
+        version=str(found.version),
+        alias=alias,
+        tracking_uri=registry.uri,
+        threshold=threshold,
+        threshold_rule=rule,
+        rows=rows,
+        scores_csv=scores_csv,
+        scores_json=scores_json,
+        heatmaps=tuple(heatmaps),
+    )

@@ -90,5 +90,14 @@ def source_commit() -> dict[str, Any]:
     return {"commit": commit or "unknown", "dirty": dirty}
 
 
-__all__ = ["content_key", "dumps", "git", "git_state", "plain", "read_json", "source_commit", "to_jsonable",
-           "write_json"]
+__all__ = [
+    "content_key",
+    "dumps",
+    "git",
+    "git_state",
+    "plain",
+    "read_json",
+    "source_commit",
+    "to_jsonable",
+    "write_json",
+]

@@ -40,12 +40,23 @@ def new_data(product: str, product_dir: str | Path, mlflow_cfg: MlflowConfig) ->
     same_as = [alias for alias in ("champion", "challenger") if recorded.get(alias) == md5]
     changed = not same_as
     if changed:
-        message = (f"new data for {product}: images {md5} differ from the champion's "
-                   f"{recorded.get('champion') or '(no champion yet)'}")
+        message = (
+            f"new data for {product}: images {md5} differ from the champion's "
+            f"{recorded.get('champion') or '(no champion yet)'}"
+        )
     else:
-        message = f"no new data for {product}: images {md5} are the {same_as[0]}'s (v{recorded[same_as[0] + '_version']}) data version"
-    return {"product": product, "data": str(product_dir), "md5": md5, "changed": changed, "recorded": recorded,
-            "message": message}
+        which = same_as[0]
+        message = (
+            f"no new data for {product}: images {md5} are the {which}'s (v{recorded[which + '_version']}) data version"
+        )
+    return {
+        "product": product,
+        "data": str(product_dir),
+        "md5": md5,
+        "changed": changed,
+        "recorded": recorded,
+        "message": message,
+    }
 
 
 def version_data(product_dir: str | Path, product: str, git_commit: bool = True) -> dict[str, Any]:
@@ -63,8 +74,9 @@ def version_data(product_dir: str | Path, product: str, git_commit: bool = True)
         return out
     dvc_file = tracking_dvc_file(folder, root)
     target = (dvc_file.parent / dvc_file.stem) if dvc_file is not None else folder
-    run = subprocess.run([dvc, "add", str(target.relative_to(root))], cwd=root, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [dvc, "add", str(target.relative_to(root))], cwd=root, capture_output=True, text=True, timeout=600
+    )
     if run.returncode != 0:
         raise RuntimeError(f"dvc add {target}: {run.stderr.strip() or run.stdout.strip()}")
     out["dvc_add"] = str(target.relative_to(root))
@@ -74,8 +86,13 @@ def version_data(product_dir: str | Path, product: str, git_commit: bool = True)
         subprocess.run(["git", "add", "--", *paths], cwd=root, check=True, capture_output=True, timeout=60)
         staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root, timeout=60)
         if staged.returncode == 1:
-            commit = subprocess.run(["git", "commit", "-m", f"data: {product} {out['md5']} (retrain)", "--", *paths],
-                                    cwd=root, capture_output=True, text=True, timeout=60)
+            commit = subprocess.run(
+                ["git", "commit", "-m", f"data: {product} {out['md5']} (retrain)", "--", *paths],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if commit.returncode != 0:
                 raise RuntimeError(f"git commit {' '.join(paths)}: {commit.stderr.strip() or commit.stdout.strip()}")
             out["git_commit"] = git(root, "rev-parse", "HEAD", timeout=60)

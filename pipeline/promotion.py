@@ -44,11 +44,15 @@ def candidates(registry: Registry, product: str) -> dict[str, Any]:
 
 def describe(version) -> dict[str, Any]:
     tags = dict(version.tags)
-    return {"version": str(version.version), "run_id": version.run_id, "tags": tags,
-            "random_weights": tags.get("random_weights") == "true",
-            "heldout_fpr": float(tags["heldout_fpr"]) if "heldout_fpr" in tags else None,
-            "threshold": float(tags["threshold"]) if "threshold" in tags else None,
-            "data_root": tags.get("data_root") or None}
+    return {
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "tags": tags,
+        "random_weights": tags.get("random_weights") == "true",
+        "heldout_fpr": float(tags["heldout_fpr"]) if "heldout_fpr" in tags else None,
+        "threshold": float(tags["threshold"]) if "threshold" in tags else None,
+        "data_root": tags.get("data_root") or None,
+    }
 
 
 def pin_evaluation_set(store: Store, data_root: str | Path) -> dict[str, Any]:
@@ -61,12 +65,17 @@ def pin_evaluation_set(store: Store, data_root: str | Path) -> dict[str, Any]:
     key = content_key([(e["path"], e["sha256"], e["label"], e["mask_sha256"]) for e in test], length=64)
     pinned = {"root": str(root), "eval_set_sha256": key, "data_version": dir_md5(root), "images": test}
     path = store.write_json("eval_sets", f"{key}.json", data=pinned)
-    return {"eval_set": str(path), "eval_set_sha256": key, "n_good": sum(e["label"] == 0 for e in test),
-            "n_defect": sum(e["label"] == 1 for e in test)}
+    return {
+        "eval_set": str(path),
+        "eval_set_sha256": key,
+        "n_good": sum(e["label"] == 0 for e in test),
+        "n_defect": sum(e["label"] == 1 for e in test),
+    }
 
 
-def score_version(registry: Registry, store: Store, product: str, version: str,
-                  eval_set: dict[str, Any]) -> dict[str, Any]:
+def score_version(
+    registry: Registry, store: Store, product: str, version: str, eval_set: dict[str, Any]
+) -> dict[str, Any]:
     """Metrics of one registered version on the pinned evaluation set (cached per version + set:
     registered versions are immutable). The figures are the library's (one evaluation function)."""
     name = f"{registry.model_name(product)}-{registry.version_key(product, version)}-{eval_set['eval_set_sha256'][:16]}"
@@ -77,9 +86,16 @@ def score_version(registry: Registry, store: Store, product: str, version: str,
     model = PatchCore.load(registry.download(product, version))
     out: dict[str, Any] = {"version": str(version), "threshold": model.threshold_}
     if not pinned["images"]:
-        return out | {"at_threshold": {}, "eval_fpr": None, "per_defect_type": {}, "seconds": time.perf_counter() - start}
-    records = [{"path": e["path"], "split": TEST, "label": e["label"], "defect_type": e["defect_type"],
-                "mask": e["mask"]} for e in sorted(pinned["images"], key=lambda e: e["path"])]
+        return out | {
+            "at_threshold": {},
+            "eval_fpr": None,
+            "per_defect_type": {},
+            "seconds": time.perf_counter() - start,
+        }
+    records = [
+        {"path": e["path"], "split": TEST, "label": e["label"], "defect_type": e["defect_type"], "mask": e["mask"]}
+        for e in sorted(pinned["images"], key=lambda e: e["path"])
+    ]
     figures, per_type, _ = score_records(model, pinned["root"], records)
     labels = np.array([r["label"] for r in records])
     scores = np.array([r["score"] for r in records])
@@ -91,8 +107,14 @@ def score_version(registry: Registry, store: Store, product: str, version: str,
     return out
 
 
-def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, challenger_scores: dict[str, Any],
-           champion_scores: dict[str, Any] | None, cfg: PromotionConfig, allow_random_weights: bool = False) -> dict[str, Any]:
+def decide(
+    challenger: dict[str, Any],
+    champion: dict[str, Any] | None,
+    challenger_scores: dict[str, Any],
+    champion_scores: dict[str, Any] | None,
+    cfg: PromotionConfig,
+    allow_random_weights: bool = False,
+) -> dict[str, Any]:
     """Promote or not, with every number and reason (pure: no registry access)."""
     reasons: list[str] = []
     notes: list[str] = []
@@ -100,7 +122,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, challeng
     value = challenger_scores.get(name)
     reference = champion_scores.get(name) if champion_scores else None
     if challenger["random_weights"] and not allow_random_weights:
-        reasons.append("built on RANDOM backbone weights (pass --allow-random-weights to promote it anyway, e.g. for a demo)")
+        reasons.append(
+            "built on RANDOM backbone weights (pass --allow-random-weights to promote it anyway, e.g. for a demo)"
+        )
     elif challenger["random_weights"]:
         notes.append("built on RANDOM backbone weights: promoted only because --allow-random-weights was given")
     fpr = challenger.get("heldout_fpr")
@@ -109,32 +133,54 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, challeng
     elif fpr > cfg.max_heldout_fpr:
         reasons.append(f"held-out FPR at its threshold {fpr:.3f} > max_heldout_fpr {cfg.max_heldout_fpr:.3f}")
     if value is None:
-        notes.append(f"{name} cannot be measured on the evaluation set (no labelled defects): decided on the "
-                     "weights and held-out FPR checks only")
+        notes.append(
+            f"{name} cannot be measured on the evaluation set (no labelled defects): decided on the "
+            "weights and held-out FPR checks only"
+        )
     else:
         if value < cfg.min_metric:
             reasons.append(f"{name} {value:.4f} < min_metric {cfg.min_metric:.4f}")
         if champion is not None and reference is not None and value < reference - cfg.tolerance:
-            reasons.append(f"{name} {value:.4f} is worse than the champion's {reference:.4f} by more than the "
-                           f"tolerance {cfg.tolerance:.4f}")
+            reasons.append(
+                f"{name} {value:.4f} is worse than the champion's {reference:.4f} by more than the "
+                f"tolerance {cfg.tolerance:.4f}"
+            )
     promote = not reasons
     if champion is None:
-        summary = ("first model: becomes champion" if promote else "first model: not promoted")
+        summary = "first model: becomes champion" if promote else "first model: not promoted"
     else:
         delta = "" if value is None or reference is None else f" ({name} {value:.4f} vs {reference:.4f})"
-        summary = (f"v{challenger['version']} replaces v{champion['version']}{delta}" if promote
-                   else f"v{champion['version']} stays champion{delta}")
-    return {"promote": promote, "summary": summary, "reasons": reasons, "notes": notes, "metric": name,
-            "challenger_version": challenger["version"], "champion_version": champion["version"] if champion else None,
-            "challenger_metric": value, "champion_metric": reference, "challenger_heldout_fpr": fpr,
-            "challenger_eval_fpr": challenger_scores.get("eval_fpr"),
-            "champion_eval_fpr": champion_scores.get("eval_fpr") if champion_scores else None,
-            "settings": {"metric": name, "tolerance": cfg.tolerance, "min_metric": cfg.min_metric,
-                         "max_heldout_fpr": cfg.max_heldout_fpr, "allow_random_weights": allow_random_weights}}
+        summary = (
+            f"v{challenger['version']} replaces v{champion['version']}{delta}"
+            if promote
+            else f"v{champion['version']} stays champion{delta}"
+        )
+    return {
+        "promote": promote,
+        "summary": summary,
+        "reasons": reasons,
+        "notes": notes,
+        "metric": name,
+        "challenger_version": challenger["version"],
+        "champion_version": champion["version"] if champion else None,
+        "challenger_metric": value,
+        "champion_metric": reference,
+        "challenger_heldout_fpr": fpr,
+        "challenger_eval_fpr": challenger_scores.get("eval_fpr"),
+        "champion_eval_fpr": champion_scores.get("eval_fpr") if champion_scores else None,
+        "settings": {
+            "metric": name,
+            "tolerance": cfg.tolerance,
+            "min_metric": cfg.min_metric,
+            "max_heldout_fpr": cfg.max_heldout_fpr,
+            "allow_random_weights": allow_random_weights,
+        },
+    }
 
 
-def apply_decision(registry: Registry, product: str, decision: dict[str, Any], eval_set: dict[str, Any],
-                   scores: dict[str, Any]) -> dict[str, Any]:
+def apply_decision(
+    registry: Registry, product: str, decision: dict[str, Any], eval_set: dict[str, Any], scores: dict[str, Any]
+) -> dict[str, Any]:
     """Move the aliases when promoted (old champion -> `previous`), tag both versions and log the
     decision as an MLflow run in the product's experiment."""
     challenger, champion = decision["challenger_version"], decision["champion_version"]
@@ -146,29 +192,68 @@ def apply_decision(registry: Registry, product: str, decision: dict[str, Any], e
         if champion:
             registry.set_alias(product, PREVIOUS, champion)
         registry.set_history(product, history + [challenger])
-    registry.tag_version(product, challenger, {
-        "promotion": outcome, "promotion_at": stamp, "promotion_summary": decision["summary"],
-        "promotion_reasons": "; ".join(decision["reasons"]) or "none", "promotion_eval_set": eval_set["eval_set_sha256"][:16],
-        f"promotion_{decision['metric']}": decision["challenger_metric"], "promotion_vs": champion or "none"})
+    registry.tag_version(
+        product,
+        challenger,
+        {
+            "promotion": outcome,
+            "promotion_at": stamp,
+            "promotion_summary": decision["summary"],
+            "promotion_reasons": "; ".join(decision["reasons"]) or "none",
+            "promotion_eval_set": eval_set["eval_set_sha256"][:16],
+            f"promotion_{decision['metric']}": decision["challenger_metric"],
+            "promotion_vs": champion or "none",
+        },
+    )
     if champion:
-        registry.tag_version(product, champion, {
-            "challenged_by": challenger, "challenged_at": stamp, "challenge_outcome": outcome,
-            f"challenge_{decision['metric']}": decision["champion_metric"]})
-    with mlflow.start_run(experiment_id=registry.experiment_id(product),
-                          run_name=f"promote-v{challenger}" + (f"-vs-v{champion}" if champion else "")) as run:
+        registry.tag_version(
+            product,
+            champion,
+            {
+                "challenged_by": challenger,
+                "challenged_at": stamp,
+                "challenge_outcome": outcome,
+                f"challenge_{decision['metric']}": decision["champion_metric"],
+            },
+        )
+    with mlflow.start_run(
+        experiment_id=registry.experiment_id(product),
+        run_name=f"promote-v{challenger}" + (f"-vs-v{champion}" if champion else ""),
+    ) as run:
         mlflow.log_params({f"promotion.{k}": v for k, v in decision["settings"].items()})
-        mlflow.log_metrics({k: float(v) for k, v in {
-            "challenger_metric": decision["challenger_metric"], "champion_metric": decision["champion_metric"],
-            "challenger_heldout_fpr": decision["challenger_heldout_fpr"],
-            "challenger_eval_fpr": decision["challenger_eval_fpr"], "champion_eval_fpr": decision["champion_eval_fpr"],
-            "promoted": float(decision["promote"])}.items() if v is not None})
-        mlflow.set_tags({"kind": "promotion", "decision": outcome, "challenger_version": challenger,
-                         "champion_version": champion or "none", "eval_set_sha256": eval_set["eval_set_sha256"],
-                         "mlflow.note.content": decision_markdown(product, decision, eval_set)})
+        mlflow.log_metrics(
+            {
+                k: float(v)
+                for k, v in {
+                    "challenger_metric": decision["challenger_metric"],
+                    "champion_metric": decision["champion_metric"],
+                    "challenger_heldout_fpr": decision["challenger_heldout_fpr"],
+                    "challenger_eval_fpr": decision["challenger_eval_fpr"],
+                    "champion_eval_fpr": decision["champion_eval_fpr"],
+                    "promoted": float(decision["promote"]),
+                }.items()
+                if v is not None
+            }
+        )
+        mlflow.set_tags(
+            {
+                "kind": "promotion",
+                "decision": outcome,
+                "challenger_version": challenger,
+                "champion_version": champion or "none",
+                "eval_set_sha256": eval_set["eval_set_sha256"],
+                "mlflow.note.content": decision_markdown(product, decision, eval_set),
+            }
+        )
         mlflow.log_dict({"decision": decision, "eval_set": eval_set, "scores": scores}, "decision.json")
         mlflow.log_artifact(eval_set["eval_set"], artifact_path="eval_set")
-    return {**decision, "outcome": outcome, "run_id": run.info.run_id, "at": stamp,
-            "aliases": registry.aliases(product)}
+    return {
+        **decision,
+        "outcome": outcome,
+        "run_id": run.info.run_id,
+        "at": stamp,
+        "aliases": registry.aliases(product),
+    }
 
 
 def rollback(registry: Registry, product: str) -> dict[str, Any]:
@@ -188,10 +273,17 @@ def rollback(registry: Registry, product: str) -> dict[str, Any]:
     registry.set_history(product, history)
     stamp = now_iso()
     registry.tag_version(product, current, {"rolled_back_at": stamp, "rolled_back_to": target})
-    with mlflow.start_run(experiment_id=registry.experiment_id(product), run_name=f"rollback-v{current}-to-v{target}") as run:
+    with mlflow.start_run(
+        experiment_id=registry.experiment_id(product), run_name=f"rollback-v{current}-to-v{target}"
+    ) as run:
         mlflow.set_tags({"kind": "rollback", "from_version": current, "to_version": target})
-    return {"product": product, "from_version": current, "to_version": target, "run_id": run.info.run_id,
-            "aliases": registry.aliases(product)}
+    return {
+        "product": product,
+        "from_version": current,
+        "to_version": target,
+        "run_id": run.info.run_id,
+        "aliases": registry.aliases(product),
+    }
 
 
 def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
@@ -200,20 +292,29 @@ def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"tracking_uri": registry.uri, "products": {}}
     for name in products:
         model = registry.require_product(name)
-        entry: dict[str, Any] = {"registered_model": model.name, "aliases": {}, "champion_history": registry.history(name)}
+        entry: dict[str, Any] = {
+            "registered_model": model.name,
+            "aliases": {},
+            "champion_history": registry.history(name),
+        }
         for alias, version in sorted(model.aliases.items()):
             mv = registry.client.get_model_version(model.name, version)
             tags = dict(mv.tags)
             entry["aliases"][alias] = {
-                "version": str(version), "run_id": mv.run_id, "created": mv.creation_timestamp,
-                "threshold": _number(tags.get("threshold")), "threshold_rule": tags.get("threshold_rule"),
-                "data_version": tags.get("data_version"), "weights": tags.get("weights"),
+                "version": str(version),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "threshold": _number(tags.get("threshold")),
+                "threshold_rule": tags.get("threshold_rule"),
+                "data_version": tags.get("data_version"),
+                "weights": tags.get("weights"),
                 "heldout_fpr": _number(tags.get("heldout_fpr")),
                 "metrics": {k: _number(tags[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in tags},
                 "promotion": tags.get("promotion"),
             }
-        latest = registry.client.search_model_versions(f"name = '{model.name}'", max_results=1,
-                                                       order_by=["version_number DESC"])
+        latest = registry.client.search_model_versions(
+            f"name = '{model.name}'", max_results=1, order_by=["version_number DESC"]
+        )
         entry["latest_version"] = str(latest[0].version) if latest else None
         out["products"][name] = entry
     return out
@@ -223,15 +324,25 @@ def decision_markdown(product: str, decision: dict[str, Any], eval_set: dict[str
     def fmt(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    lines = [f"# Promotion for `{product}`: **{'PROMOTED' if decision['promote'] else 'REJECTED'}**", "",
-             decision["summary"], "",
-             "| | challenger | champion |", "|---|---|---|",
-             f"| version | v{decision['challenger_version']} | {('v' + decision['champion_version']) if decision['champion_version'] else '-'} |",
-             f"| {decision['metric']} (pinned set) | {fmt(decision['challenger_metric'])} | {fmt(decision['champion_metric'])} |",
-             f"| FPR at own threshold, pinned set | {fmt(decision['challenger_eval_fpr'])} | {fmt(decision['champion_eval_fpr'])} |",
-             f"| held-out FPR (training) | {fmt(decision['challenger_heldout_fpr'])} | |", "",
-             f"Evaluation set `{eval_set['eval_set_sha256'][:16]}`: {eval_set['n_good']} good, {eval_set['n_defect']} defective images.",
-             f"Settings: {json.dumps(decision['settings'])}"]
+    champion = f"v{decision['champion_version']}" if decision["champion_version"] else "-"
+    lines = [
+        f"# Promotion for `{product}`: **{'PROMOTED' if decision['promote'] else 'REJECTED'}**",
+        "",
+        decision["summary"],
+        "",
+        "| | challenger | champion |",
+        "|---|---|---|",
+        f"| version | v{decision['challenger_version']} | {champion} |",
+        f"| {decision['metric']} (pinned set) | {fmt(decision['challenger_metric'])} "
+        f"| {fmt(decision['champion_metric'])} |",
+        f"| FPR at own threshold, pinned set | {fmt(decision['challenger_eval_fpr'])} "
+        f"| {fmt(decision['champion_eval_fpr'])} |",
+        f"| held-out FPR (training) | {fmt(decision['challenger_heldout_fpr'])} | |",
+        "",
+        f"Evaluation set `{eval_set['eval_set_sha256'][:16]}`: {eval_set['n_good']} good, "
+        f"{eval_set['n_defect']} defective images.",
+        f"Settings: {json.dumps(decision['settings'])}",
+    ]
     if decision["reasons"]:
         lines += ["", "Rejected because:"] + [f"- {r}" for r in decision["reasons"]]
     if decision["notes"]:
@@ -246,5 +357,13 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-__all__ = ["candidates", "pin_evaluation_set", "score_version", "decide", "apply_decision", "rollback", "status",
-           "RegistryError"]
+__all__ = [
+    "candidates",
+    "pin_evaluation_set",
+    "score_version",
+    "decide",
+    "apply_decision",
+    "rollback",
+    "status",
+    "RegistryError",
+]

@@ -48,21 +48,23 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
         from patchcore import PatchCore  # noqa: PLC0415
         from patchcore.config import env_weights  # noqa: PLC0415
 
-        self.model = PatchCore.load(context.artifacts[ARTIFACT_KEY],
-                                    weights=env_weights())
+        self.model = PatchCore.load(context.artifacts[ARTIFACT_KEY], weights=env_weights())
         if self.model.threshold_ is None:
-            raise ValueError(f"{context.artifacts[ARTIFACT_KEY]}: the saved model has no threshold; "
-                             "register only calibrated models")
+            raise ValueError(
+                f"{context.artifacts[ARTIFACT_KEY]}: the saved model has no threshold; register only calibrated models"
+            )
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return_maps = bool((params or {}).get("return_maps", False))
         images = _decode(model_input)
         predictions = self.model.predict(images, maps=return_maps, progress=False)
-        out = pd.DataFrame({
-            "score": predictions.scores.astype(np.float64),
-            "is_anomalous": predictions.scores >= self.model.threshold_,
-            "threshold": np.full(len(images), self.model.threshold_, dtype=np.float64),
-        })
+        out = pd.DataFrame(
+            {
+                "score": predictions.scores.astype(np.float64),
+                "is_anomalous": predictions.scores >= self.model.threshold_,
+                "threshold": np.full(len(images), self.model.threshold_, dtype=np.float64),
+            }
+        )
         if return_maps:
             out["anomaly_map"] = list(predictions.anomaly_maps)
         return out
@@ -73,8 +75,10 @@ def _decode(model_input: Any) -> list:
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if not isinstance(model_input, pd.DataFrame):
-        raise TypeError("model input must be a DataFrame with an `image` (encoded bytes) or `path` column; "
-                        "use pipeline.pyfunc_model.to_model_input(...) to build one from arrays")
+        raise TypeError(
+            "model input must be a DataFrame with an `image` (encoded bytes) or `path` column; "
+            "use pipeline.pyfunc_model.to_model_input(...) to build one from arrays"
+        )
     if len(model_input) == 0:
         raise ValueError("model input has no rows")
     images: list = []
@@ -102,7 +106,9 @@ def to_model_input(images) -> pd.DataFrame:
             if item.dtype != np.uint8:
                 raise ValueError(f"arrays must be uint8, got {item.dtype}")
             buffer = io.BytesIO()
-            Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item).save(buffer, format="PNG")
+            Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item).save(
+                buffer, format="PNG"
+            )
             rows.append({"image": buffer.getvalue(), "path": None})
         elif isinstance(item, (bytes, bytearray)):
             rows.append({"image": bytes(item), "path": None})

@@ -49,8 +49,19 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PATCHCORE_PACKAGE = Path(__file__).resolve().parents[1] / "patchcore"
 MODEL_ARTIFACT = "patchcore_model"
 # What a serving machine installs besides the bundled `patchcore` package (pinned to this machine's).
-SERVING_REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "faiss-cpu", "numpy", "scipy", "pillow",
-                        "pyyaml", "tqdm", "pandas")
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "timm",
+    "faiss-cpu",
+    "numpy",
+    "scipy",
+    "pillow",
+    "pyyaml",
+    "tqdm",
+    "pandas",
+)
 
 
 class RegistryError(RuntimeError):
@@ -95,8 +106,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingStoreUnreachable(f"tracking store {uri}: cannot create {db.parent} ({exc}); "
-                                           "set mlflow.tracking_uri or MLFLOW_TRACKING_URI") from None
+            raise TrackingStoreUnreachable(
+                f"tracking store {uri}: cannot create {db.parent} ({exc}); "
+                "set mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+            ) from None
         if db.exists() and not os.access(db, os.R_OK | os.W_OK):
             raise TrackingStoreUnreachable(f"tracking store {uri}: {db} is not readable and writable")
     elif parsed.scheme in ("http", "https"):
@@ -105,7 +118,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         except requests.RequestException as exc:
             raise TrackingStoreUnreachable(
                 f"tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); start the server "
-                "(`mlflow server ...`) or point mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere") from None
+                "(`mlflow server ...`) or point mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
+            ) from None
 
 
 def serving_requirements() -> list[str]:
@@ -171,10 +185,12 @@ class Registry:
         try:
             return self.client.get_model_version_by_alias(name, alias)
         except MlflowException:
-            hint = {CHAMPION: f"no champion yet for {product!r}: run `patchcore promote --product {product}`",
-                    CHALLENGER: f"no challenger for {product!r}: run `patchcore train --product {product}`",
-                    PREVIOUS: f"no previous champion for {product!r} (alias 'previous' is set when a promotion "
-                              "replaces a champion)"}
+            hint = {
+                CHAMPION: f"no champion yet for {product!r}: run `patchcore promote --product {product}`",
+                CHALLENGER: f"no challenger for {product!r}: run `patchcore train --product {product}`",
+                PREVIOUS: f"no previous champion for {product!r} (alias 'previous' is set when a promotion "
+                "replaces a champion)",
+            }
             raise NoSuchAlias(hint.get(alias, f"{name} has no alias {alias!r}")) from None
 
     def aliases(self, product: str) -> dict[str, str]:
@@ -237,27 +253,39 @@ class Registry:
         calibration = record["calibration"]
         metrics = training_metrics(record)
         tags = {
-            "product": product, "data_version": record["data_version"], "data_root": record["data_root"],
-            "git_commit": record["git"]["commit"], "git_dirty": record["git"]["dirty"],
-            "backbone": meta["backbone"]["name"], "layers": ",".join(meta["backbone"]["layers"]),
+            "product": product,
+            "data_version": record["data_version"],
+            "data_root": record["data_root"],
+            "git_commit": record["git"]["commit"],
+            "git_dirty": record["git"]["dirty"],
+            "backbone": meta["backbone"]["name"],
+            "layers": ",".join(meta["backbone"]["layers"]),
             "weights": RANDOM_WEIGHTS_TAG if is_random else weights["kind"],
-            "weights_source": weights["source"], "weights_sha256": weights["sha256"] or "none",
-            "random_weights": is_random, "feature_identity": record["feature_identity"],
-            "threshold_rule": calibration["rule"], "mode": calibration["mode"],
+            "weights_source": weights["source"],
+            "weights_sha256": weights["sha256"] or "none",
+            "random_weights": is_random,
+            "feature_identity": record["feature_identity"],
+            "threshold_rule": calibration["rule"],
+            "mode": calibration["mode"],
             "figures_measured_on": calibration["report_on"],
             "coreset_continued_from": (record.get("coreset_continued") or {}).get("from_bank", "none"),
-            "images_extracted": record["features"]["n_extracted"], "images_from_cache": record["features"]["n_cached"],
+            "images_extracted": record["features"]["n_extracted"],
+            "images_from_cache": record["features"]["n_cached"],
         }
         tags |= DataVersion.from_dict(record["data_version_record"]).tags()
         run_name = f"train-{product}-{record['data_version'][:8]}" + ("-RANDOM-WEIGHTS" if is_random else "")
         with mlflow.start_run(experiment_id=self.experiment_id(product), run_name=run_name) as run:
-            mlflow.log_params({k: _param_value(v) for k, v in flat_params(params).items()}
-                              | {"product": product, "data_root": record["data_root"]})
+            mlflow.log_params(
+                {k: _param_value(v) for k, v in flat_params(params).items()}
+                | {"product": product, "data_root": record["data_root"]}
+            )
             mlflow.log_metrics(metrics)
             mlflow.set_tags({k: _tag_value(v) for k, v in tags.items()})
             for folder, entries in record["artifacts"].items():
                 for entry in entries:
-                    path, logged_as = (Path(entry[0]), entry[1]) if isinstance(entry, (list, tuple)) else (Path(entry), None)
+                    path, logged_as = (
+                        (Path(entry[0]), entry[1]) if isinstance(entry, (list, tuple)) else (Path(entry), None)
+                    )
                     if path.is_dir():
                         mlflow.log_artifacts(str(path), artifact_path=f"{folder}/{path.name}")
                     elif logged_as:
@@ -267,36 +295,79 @@ class Registry:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Operation with range is deprecated")  # inside MLflow
                 info = self._log_pyfunc(model_dir, meta, record, calibration, tags)
-            version_tags = {k: v for k, v in tags.items()
-                            if k in ("data_version", "data_root", "weights", "weights_source", "backbone", "threshold_rule",
-                                     "git_commit", "random_weights", "mode") or k.startswith("data.")}
-            version_tags |= {"threshold": calibration["threshold"], "run_id": run.info.run_id,
-                             "heldout_fpr": calibration["heldout_fpr"], "bank_size": record["bank_size"]}
+            version_tags = {
+                k: v
+                for k, v in tags.items()
+                if k
+                in (
+                    "data_version",
+                    "data_root",
+                    "weights",
+                    "weights_source",
+                    "backbone",
+                    "threshold_rule",
+                    "git_commit",
+                    "random_weights",
+                    "mode",
+                )
+                or k.startswith("data.")
+            }
+            version_tags |= {
+                "threshold": calibration["threshold"],
+                "run_id": run.info.run_id,
+                "heldout_fpr": calibration["heldout_fpr"],
+                "bank_size": record["bank_size"],
+            }
             version_tags |= {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in metrics}
-            version = mlflow.register_model(info.model_uri, name, tags={k: _tag_value(v) for k, v in version_tags.items()})
-            description = (f"PatchCore for {product}: threshold {calibration['threshold']:.6g} ({calibration['rule']}), "
-                           f"data {record['data_version']}, weights {tags['weights']}")
+            version = mlflow.register_model(
+                info.model_uri, name, tags={k: _tag_value(v) for k, v in version_tags.items()}
+            )
+            description = (
+                f"PatchCore for {product}: threshold {calibration['threshold']:.6g} ({calibration['rule']}), "
+                f"data {record['data_version']}, weights {tags['weights']}"
+            )
             self.client.update_model_version(name, version.version, description=description)
             self.set_alias(product, CHALLENGER, version.version)
-            registered = {"name": name, "version": str(version.version), "run_id": run.info.run_id,
-                          "model_uri": f"models:/{name}/{version.version}", "logged_model_uri": info.model_uri,
-                          "tracking_uri": self.uri, "experiment_id": run.info.experiment_id, "random_weights": is_random}
+            registered = {
+                "name": name,
+                "version": str(version.version),
+                "run_id": run.info.run_id,
+                "model_uri": f"models:/{name}/{version.version}",
+                "logged_model_uri": info.model_uri,
+                "tracking_uri": self.uri,
+                "experiment_id": run.info.experiment_id,
+                "random_weights": is_random,
+            }
             mlflow.set_tag("mlflow.note.content", summary_markdown(training, registered))
         return registered
 
-    def _log_pyfunc(self, model_dir: Path, meta: dict[str, Any], record: dict[str, Any], calibration: dict[str, Any],
-                    tags: dict[str, Any]):
+    def _log_pyfunc(
+        self,
+        model_dir: Path,
+        meta: dict[str, Any],
+        record: dict[str, Any],
+        calibration: dict[str, Any],
+        tags: dict[str, Any],
+    ):
         """The promotable model: pyfunc from code (pyfunc_model.py) + the PatchCore folder + the
         `patchcore` package, with signature, input example and pinned requirements."""
         with tempfile.TemporaryDirectory(prefix="patchcore-code-") as tmp:
             package = Path(tmp) / "patchcore"  # the library's sources only: no __pycache__
             shutil.copytree(PATCHCORE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
             return mlflow.pyfunc.log_model(
-                name="model", python_model=str(PYFUNC_CODE), artifacts={MODEL_ARTIFACT: str(model_dir)},
-                code_paths=[str(package)], signature=model_signature(),
-                input_example=_input_example(record.get("input_example"), meta), pip_requirements=serving_requirements(),
-                metadata={"threshold": calibration["threshold"], "threshold_rule": calibration["rule"],
-                          "data_version": record["data_version"], "weights": tags["weights"]},
+                name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts={MODEL_ARTIFACT: str(model_dir)},
+                code_paths=[str(package)],
+                signature=model_signature(),
+                input_example=_input_example(record.get("input_example"), meta),
+                pip_requirements=serving_requirements(),
+                metadata={
+                    "threshold": calibration["threshold"],
+                    "threshold_rule": calibration["rule"],
+                    "data_version": record["data_version"],
+                    "weights": tags["weights"],
+                },
             )
 
 
@@ -305,9 +376,17 @@ def training_metrics(record: dict[str, Any]) -> dict[str, float]:
     size, per-defect-type AUROC/PRO and seconds per stage."""
     result = record
     c, m = result["calibration"], result["metrics"]
-    out: dict[str, float] = {k: m[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold") if k in m}
-    out |= {"threshold": c["threshold"], "heldout_fpr": c["heldout_fpr"], "heldout_false_alarms": c["heldout_false_alarms"],
-            "bank_size": result["bank_size"], "n_bank_images": result["n_bank"], "n_heldout_images": c["n_heldout"]}
+    out: dict[str, float] = {
+        k: m[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold") if k in m
+    }
+    out |= {
+        "threshold": c["threshold"],
+        "heldout_fpr": c["heldout_fpr"],
+        "heldout_false_alarms": c["heldout_false_alarms"],
+        "bank_size": result["bank_size"],
+        "n_bank_images": result["n_bank"],
+        "n_heldout_images": c["n_heldout"],
+    }
     if "threshold_recall100" in c:
         out["threshold_recall100"] = c["threshold_recall100"]
         out |= {f"recall100_{k}": float(v) for k, v in c["at_recall100"].items() if k in ("precision", "recall", "fpr")}
@@ -322,7 +401,9 @@ def training_metrics(record: dict[str, Any]) -> dict[str, float]:
 def model_signature():
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
-        outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomalous"), ColSpec("double", "threshold")]),
+        outputs=Schema(
+            [ColSpec("double", "score"), ColSpec("boolean", "is_anomalous"), ColSpec("double", "threshold")]
+        ),
         params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
     )
 

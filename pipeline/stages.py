@@ -105,10 +105,14 @@ def validate(product: str, params: Params, store: Store) -> dict[str, Any]:
     _write(out / "manifest_result.json", manifest.to_dict() | {"manifest": str(out / "manifest.json")})
     _write(out / "data_version.json", manifest.data_version_record)  # DVC md5 + git commit
     summary = _read(out / "validation" / "summary.json")
-    metrics = {"n_files_checked": summary["n_files"], "n_failures": summary["n_failures"],
-               "n_train": manifest.n_train, "n_test_good": manifest.n_test_good,
-               "n_test_defect": manifest.n_test_defect,
-               "luminance_mean": round(summary["stats"]["luminance_mean"]["mean"], 3)}
+    metrics = {
+        "n_files_checked": summary["n_files"],
+        "n_failures": summary["n_failures"],
+        "n_train": manifest.n_train,
+        "n_test_good": manifest.n_test_good,
+        "n_test_defect": manifest.n_test_defect,
+        "luminance_mean": round(summary["stats"]["luminance_mean"]["mean"], 3),
+    }
     _write(out / "metrics" / "validate.json", metrics)
     return metrics
 
@@ -132,7 +136,9 @@ def extract(product: str, params: Params, store: Store) -> dict[str, Any]:
         name = f"{by_path[path]}.npy"
         _link_or_copy(source / name, target / name)
     shutil.copyfile(source / "identity.json", target / "identity.json")
-    summary = features.replace(seconds=0.0).to_dict() | {"split": division.replace(split=str(out / "split.json")).to_dict()}
+    summary = features.replace(seconds=0.0).to_dict() | {
+        "split": division.replace(split=str(out / "split.json")).to_dict()
+    }
     _write(out / "features.json", summary)
     return summary
 
@@ -154,8 +160,11 @@ def coreset(product: str, params: Params, store: Store) -> dict[str, Any]:
     bank = steps.build_memory_bank(store, _manifest(product), division, features, params.model, warm_start=False)
     _copy_tree(bank.bank_dir, out / "bank")
     _write(out / "bank.json", bank.replace(seconds=0.0, cached=False).to_dict())
-    metrics = {"bank_size": bank.bank_size, "n_train_patches": bank.n_train_patches,
-               "fraction": params.model.coreset.fraction}
+    metrics = {
+        "bank_size": bank.bank_size,
+        "n_train_patches": bank.n_train_patches,
+        "fraction": params.model.coreset.fraction,
+    }
     _write(out / "metrics" / "coreset.json", metrics)
     return metrics
 
@@ -201,8 +210,12 @@ def calibrate(product: str, params: Params, store: Store) -> dict[str, Any]:
         if file.endswith(".png"):
             shutil.copyfile(file, images / Path(file).name)
     c = calibrated.calibration
-    metrics = {"threshold": c["threshold"], "rule": c["rule"], "heldout_fpr": c["heldout_fpr"],
-               "n_heldout": c["n_heldout"]} | {f"at_threshold_{k}": v for k, v in (c.get("at_threshold") or {}).items()}
+    metrics = {
+        "threshold": c["threshold"],
+        "rule": c["rule"],
+        "heldout_fpr": c["heldout_fpr"],
+        "n_heldout": c["n_heldout"],
+    } | {f"at_threshold_{k}": v for k, v in (c.get("at_threshold") or {}).items()}
     _write(out / "metrics" / "calibrate.json", metrics)
     _write(out / "calibration.json", c)
     return metrics
@@ -233,8 +246,13 @@ def _write_score_plots(evaluation_json: Path, plots: Path) -> None:
             writer.writerows(rows)
 
 
-STAGE_FUNCTIONS = {"validate": validate, "extract": extract, "coreset": coreset, "evaluate": evaluate,
-                   "calibrate": calibrate}
+STAGE_FUNCTIONS = {
+    "validate": validate,
+    "extract": extract,
+    "coreset": coreset,
+    "evaluate": evaluate,
+    "calibrate": calibrate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

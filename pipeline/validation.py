@@ -46,8 +46,24 @@ from pipeline.store import Store
 log = logging.getLogger(__name__)
 
 SUITE_FILE = Path(__file__).with_name("expectations") / "nominal_images.yaml"
-COLUMNS = ("path", "bytes", "sha256", "suffix", "decodes", "error", "format", "mode", "channels",
-           "bit_depth", "width", "height", "pixels", "luminance_mean", "luminance_std", "blur")
+COLUMNS = (
+    "path",
+    "bytes",
+    "sha256",
+    "suffix",
+    "decodes",
+    "error",
+    "format",
+    "mode",
+    "channels",
+    "bit_depth",
+    "width",
+    "height",
+    "pixels",
+    "luminance_mean",
+    "luminance_std",
+    "blur",
+)
 SET_LEVEL = "(whole set)"  # the `file` of failures that concern the set, not one file
 _BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 
@@ -88,21 +104,27 @@ class ValidationResult:
 
     def failure_rows(self) -> list[dict[str, str]]:
         """The per-file report as rows of strings (a Prefect table artifact, a CSV, a log)."""
-        return [{"file": f.file, "expectation": f.expectation, "observed": _short(f.observed), "fix": f.fix}
-                for f in self.failures]
+        return [
+            {"file": f.file, "expectation": f.expectation, "observed": _short(f.observed), "fix": f.fix}
+            for f in self.failures
+        ]
 
     def report(self, limit: int = 50) -> str:
         """Human-readable outcome: one line per failure (at most `limit`), then where the reports are."""
         if self.passed:
             head = f"{self.folder}: {self.summary['n_files']} files passed the {self.summary['suite']} suite"
         else:
-            head = (f"{self.folder}: {len(self.failures)} problem(s) in the nominal images of {self.product!r}; "
-                    "nothing may be trained on them until they are fixed:")
+            head = (
+                f"{self.folder}: {len(self.failures)} problem(s) in the nominal images of {self.product!r}; "
+                "nothing may be trained on them until they are fixed:"
+            )
         lines = [head] + [f"  {f.line()}" for f in self.failures[:limit]]
         if len(self.failures) > limit:
             lines.append(f"  ... and {len(self.failures) - limit} more (see {self.failures_path})")
-        where = [f"summary {self.summary_path}" if self.summary_path else "",
-                 f"Data Docs {self.docs_path}" if self.docs_path else ""]
+        where = [
+            f"summary {self.summary_path}" if self.summary_path else "",
+            f"Data Docs {self.docs_path}" if self.docs_path else "",
+        ]
         if any(where):
             lines.append("Reports: " + ", ".join(w for w in where if w))
         return "\n".join(lines)
@@ -117,6 +139,7 @@ def raise_for_failures(result: ValidationResult) -> ValidationResult:
 
 # -- the metadata table ---------------------------------------------------------------------
 
+
 def image_folder(product_dir: str | Path) -> Path:
     """The nominal images of a product: `train/good` in MVTec layout, else the folder itself."""
     root = Path(product_dir).expanduser()
@@ -128,8 +151,11 @@ def image_folder(product_dir: str | Path) -> Path:
 def _files(folder: Path) -> list[Path]:
     # Every file, not only image suffixes: stray non-image files are findings too. Dotfiles
     # (.DS_Store, .gitkeep) are tooling, not data.
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: int = 40_000_000) -> dict[str, Any]:
@@ -138,8 +164,13 @@ def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: 
     path = Path(path)
     data = path.read_bytes()
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(path=(path.relative_to(root) if root else path).as_posix(), bytes=len(data),
-               sha256=hashlib.sha256(data).hexdigest(), suffix=path.suffix.lower(), decodes=False)
+    row.update(
+        path=(path.relative_to(root) if root else path).as_posix(),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        suffix=path.suffix.lower(),
+        decodes=False,
+    )
     if not data:
         row["error"] = "zero-byte file"
         return row
@@ -147,9 +178,15 @@ def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
-                row.update(format=image.format, mode=image.mode, channels=len(image.getbands()),
-                           bit_depth=_BIT_DEPTH.get(image.mode, 8), width=image.width, height=image.height,
-                           pixels=image.width * image.height)
+                row.update(
+                    format=image.format,
+                    mode=image.mode,
+                    channels=len(image.getbands()),
+                    bit_depth=_BIT_DEPTH.get(image.mode, 8),
+                    width=image.width,
+                    height=image.height,
+                    pixels=image.width * image.height,
+                )
                 image.verify()
         if row["pixels"] > max_pixels:
             row["decodes"] = None  # unknown on purpose: the size checks report it
@@ -161,8 +198,12 @@ def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: 
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         row["error"] = _reason(exc)
         return row
-    row.update(decodes=True, luminance_mean=float(luminance.mean()), luminance_std=float(luminance.std()),
-               blur=float(ndimage.laplace(luminance).var()))
+    row.update(
+        decodes=True,
+        luminance_mean=float(luminance.mean()),
+        luminance_std=float(luminance.std()),
+        blur=float(ndimage.laplace(luminance).var()),
+    )
     return row
 
 
@@ -203,17 +244,27 @@ def image_stats(table: pd.DataFrame) -> dict[str, Any]:
         values = ok[column].astype(float)
         if values.empty:
             return {"mean": None, "std": None, "min": None, "max": None}
-        return {"mean": float(values.mean()), "std": float(values.std(ddof=0)),
-                "min": float(values.min()), "max": float(values.max())}
+        return {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=0)),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
 
     modes = Counter(ok["mode"])
     content = hashlib.sha256("".join(sorted(table["sha256"])).encode()).hexdigest()
-    return {"n_images": int(len(ok)), "mode": modes.most_common(1)[0][0] if modes else None,
-            "luminance_mean": describe("luminance_mean"), "luminance_std": describe("luminance_std"),
-            "blur": describe("blur"), "content_sha256": content}
+    return {
+        "n_images": int(len(ok)),
+        "mode": modes.most_common(1)[0][0] if modes else None,
+        "luminance_mean": describe("luminance_mean"),
+        "luminance_std": describe("luminance_std"),
+        "blur": describe("blur"),
+        "content_sha256": content,
+    }
 
 
 # -- the accepted version (drift reference) ----------------------------------------------------
+
 
 def reference_path(product: str, store: Store | None = None) -> Path:
     """validation/<product>/accepted.json in the store (default: the one under $PATCHCORE_HOME)."""
@@ -236,12 +287,18 @@ def accept_reference(result: ValidationResult, extra: dict[str, Any] | None = No
     once a model trained on the set is registered (or by hand: `patchcore validate DIR --accept`)."""
     if not result.passed:
         raise ValueError(f"{result.folder}: a set that failed validation cannot become the reference")
-    record = {**result.stats, "product": result.product, "folder": str(result.folder),
-              "accepted_at": _now(), **(extra or {})}
+    record = {
+        **result.stats,
+        "product": result.product,
+        "folder": str(result.folder),
+        "accepted_at": _now(),
+        **(extra or {}),
+    }
     return write_json(reference_path(result.product, store), record)
 
 
 # -- the suite ----------------------------------------------------------------------------------
+
 
 def load_suite(path: str | Path = SUITE_FILE) -> dict[str, Any]:
     suite = yaml.safe_load(Path(path).read_text())
@@ -272,8 +329,14 @@ def suite_parameters(params: Params, table: pd.DataFrame, reference: dict[str, A
                 continue
             half = max(v.drift_band_std * std, v.drift_min_band)
             set_half = max(v.drift_set_band_std * std, v.drift_min_band)
-            values.update({f"{name}_lo": mean - half, f"{name}_hi": mean + half,
-                           f"{name}_set_lo": mean - set_half, f"{name}_set_hi": mean + set_half})
+            values.update(
+                {
+                    f"{name}_lo": mean - half,
+                    f"{name}_hi": mean + half,
+                    f"{name}_set_lo": mean - set_half,
+                    f"{name}_set_hi": mean + set_half,
+                }
+            )
     return values
 
 
@@ -301,15 +364,24 @@ def resolved_expectations(suite: dict[str, Any], values: dict[str, Any], with_re
 
 # -- running it ---------------------------------------------------------------------------------
 
-def validate_image_set(product_dir: str | Path, params: Params | None = None, reference: Any = "auto",
-                       out_dir: str | Path | None = None, docs: bool = True, product: str | None = None,
-                       suite_path: str | Path = SUITE_FILE, store: Store | None = None) -> ValidationResult:
+
+def validate_image_set(
+    product_dir: str | Path,
+    params: Params | None = None,
+    reference: Any = "auto",
+    out_dir: str | Path | None = None,
+    docs: bool = True,
+    product: str | None = None,
+    suite_path: str | Path = SUITE_FILE,
+    store: Store | None = None,
+) -> ValidationResult:
     """Validate a product's nominal images with the repository's GX suite through a Checkpoint.
 
     reference: "auto" (the product's accepted statistics when they exist), None (no drift check),
     a dict from image_stats()/load_reference(), or the path of such a JSON file.
     out_dir: where summary.json, failures.json, images.csv and data_docs/ go
-    (default validation/<product>/latest in `store`, itself by default $PATCHCORE_HOME). Never raises for bad data: check
+    (default validation/<product>/latest in `store`, itself by default $PATCHCORE_HOME). Never raises
+    for bad data: check
     `result.passed` or call raise_for_failures(result).
     """
     params = params or Params()
@@ -333,18 +405,32 @@ def validate_image_set(product_dir: str | Path, params: Params | None = None, re
     stats = image_stats(table)
     passed = all(o["success"] for o in outcomes)
     summary = {
-        "product": product, "folder": str(folder), "passed": passed, "suite": suite["name"],
-        "n_files": int(len(table)), "n_failures": len(failures),
-        "checked_at": _now(), "great_expectations": _gx_version(),
-        "drift_reference": ({"accepted_at": reference.get("accepted_at"), "n_images": reference.get("n_images")}
-                            if reference else None),
-        "expectations": [{"rule": o["rule"], "expectation": o["type"], "success": o["success"],
-                          "observed": _compact(o["observed"]), "unexpected": o["unexpected_count"]}
-                         for o in outcomes],
+        "product": product,
+        "folder": str(folder),
+        "passed": passed,
+        "suite": suite["name"],
+        "n_files": int(len(table)),
+        "n_failures": len(failures),
+        "checked_at": _now(),
+        "great_expectations": _gx_version(),
+        "drift_reference": (
+            {"accepted_at": reference.get("accepted_at"), "n_images": reference.get("n_images")} if reference else None
+        ),
+        "expectations": [
+            {
+                "rule": o["rule"],
+                "expectation": o["type"],
+                "success": o["success"],
+                "observed": _compact(o["observed"]),
+                "unexpected": o["unexpected_count"],
+            }
+            for o in outcomes
+        ],
         "stats": stats,
     }
-    result = ValidationResult(passed=passed, product=product, folder=folder, summary=summary, failures=failures,
-                              stats=stats, out_dir=out)
+    result = ValidationResult(
+        passed=passed, product=product, folder=folder, summary=summary, failures=failures, stats=stats, out_dir=out
+    )
     result.table_path = out / "images.csv"
     table.to_csv(result.table_path, index=False)
     result.failures_path = out / "failures.json"
@@ -357,13 +443,19 @@ def validate_image_set(product_dir: str | Path, params: Params | None = None, re
     if passed:
         log.info("%s: %d files passed the %s suite", folder, len(table), suite["name"])
     else:
-        log.error("%s: %d problem(s) found by the %s suite; per-file report: %s", folder, len(failures),
-                  suite["name"], result.failures_path)
+        log.error(
+            "%s: %d problem(s) found by the %s suite; per-file report: %s",
+            folder,
+            len(failures),
+            suite["name"],
+            result.failures_path,
+        )
     return result
 
 
-def _run_checkpoint(table: pd.DataFrame, suite_name: str, entries: list[dict[str, Any]], asset: str,
-                    docs_dir: Path | None) -> list[dict[str, Any]]:
+def _run_checkpoint(
+    table: pd.DataFrame, suite_name: str, entries: list[dict[str, Any]], asset: str, docs_dir: Path | None
+) -> list[dict[str, Any]]:
     gx = _import_gx()
     from great_expectations.data_context.types.base import (  # noqa: PLC0415  lazy: see _import_gx
         DataContextConfig,
@@ -375,28 +467,44 @@ def _run_checkpoint(table: pd.DataFrame, suite_name: str, entries: list[dict[str
     if docs_dir is not None:
         for stale in ("validations", "expectations"):  # only this run's pages, not earlier runs'
             shutil.rmtree(docs_dir / stale, ignore_errors=True)
-        sites["local"] = {"class_name": "SiteBuilder",
-                          "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                                            "base_directory": str(docs_dir.resolve())},
-                          "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}
-    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(), analytics_enabled=False,
-                               progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
-                               data_docs_sites=sites)
+        sites["local"] = {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        data_docs_sites=sites,
+    )
     context = gx.get_context(mode="ephemeral", project_config=config)
-    batch = (context.data_sources.add_pandas("images").add_dataframe_asset(asset)
-             .add_batch_definition_whole_dataframe("all files"))
+    batch = (
+        context.data_sources.add_pandas("images")
+        .add_dataframe_asset(asset)
+        .add_batch_definition_whole_dataframe("all files")
+    )
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration  # noqa: PLC0415
 
     suite = context.suites.add(gx.ExpectationSuite(name=suite_name))
     for index, entry in enumerate(entries):
-        suite.add_expectation(ExpectationConfiguration(
-            type=entry["expectation"], kwargs=entry["kwargs"],
-            meta={"index": index, "rule": entry.get("rule", ""), "fix": entry.get("fix", "")}).to_domain_obj())
+        suite.add_expectation(
+            ExpectationConfiguration(
+                type=entry["expectation"],
+                kwargs=entry["kwargs"],
+                meta={"index": index, "rule": entry.get("rule", ""), "fix": entry.get("fix", "")},
+            ).to_domain_obj()
+        )
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
     actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if sites else []
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name=f"{suite_name}_checkpoint", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]}))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"{suite_name}_checkpoint",
+            validation_definitions=[definition],
+            actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]},
+        )
+    )
     run = checkpoint.run(batch_parameters={"dataframe": table})
 
     outcomes: dict[int, dict[str, Any]] = {}
@@ -406,8 +514,11 @@ def _run_checkpoint(table: pd.DataFrame, suite_name: str, entries: list[dict[str
             result = r.result or {}
             error = (r.exception_info or {}).get("exception_message") if not r.success else None
             outcomes[int(meta["index"])] = {
-                "rule": meta.get("rule", ""), "fix": meta.get("fix", ""), "type": r.expectation_config.type,
-                "column": r.expectation_config.kwargs.get("column"), "success": bool(r.success),
+                "rule": meta.get("rule", ""),
+                "fix": meta.get("fix", ""),
+                "type": r.expectation_config.type,
+                "column": r.expectation_config.kwargs.get("column"),
+                "success": bool(r.success),
                 "observed": result.get("observed_value", error),
                 "unexpected_count": result.get("unexpected_count"),
                 "unexpected_paths": [row["path"] for row in result.get("unexpected_index_list") or []],
@@ -439,6 +550,7 @@ def _failures(outcomes: list[dict[str, Any]], table: pd.DataFrame, folder: Path)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
 
 def _import_gx():
     # Before the first import: no usage statistics; GX's import-time INFO chatter and deprecation
@@ -480,6 +592,17 @@ def _short(value: Any, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["FileFailure", "ValidationError", "ValidationResult", "accept_reference", "build_table", "image_folder",
-           "image_stats", "inspect_image", "load_reference", "raise_for_failures", "reference_path",
-           "validate_image_set"]
+__all__ = [
+    "FileFailure",
+    "ValidationError",
+    "ValidationResult",
+    "accept_reference",
+    "build_table",
+    "image_folder",
+    "image_stats",
+    "inspect_image",
+    "load_reference",
+    "raise_for_failures",
+    "reference_path",
+    "validate_image_set",
+]

@@ -66,8 +66,9 @@ class WatchState:
         return cls(**data)
 
 
-def observe(state: WatchState, snapshot: Snapshot, now: float, settle_seconds: float,
-            fire_on_first_look: bool = False) -> tuple[WatchState, bool]:
+def observe(
+    state: WatchState, snapshot: Snapshot, now: float, settle_seconds: float, fire_on_first_look: bool = False
+) -> tuple[WatchState, bool]:
     """One look at a folder: the new state and whether to fire (start a retrain) now.
 
     The first look records a baseline and fires only with `fire_on_first_look` (the retrain
@@ -78,8 +79,9 @@ def observe(state: WatchState, snapshot: Snapshot, now: float, settle_seconds: f
     stable_since = state.stable_since if snapshot == state.last and state.stable_since is not None else now
     settled = now - stable_since >= settle_seconds
     fire = settled and snapshot != state.fired_for
-    return WatchState(snapshot, stable_since, snapshot if fire else state.fired_for,
-                      state.fired_count + int(fire), state.extra), fire
+    return WatchState(
+        snapshot, stable_since, snapshot if fire else state.fired_for, state.fired_count + int(fire), state.extra
+    ), fire
 
 
 __all__ = ["Snapshot", "WatchState", "observe"]

@@ -31,8 +31,11 @@ def transient_io(task, task_run, state) -> bool:
 # Keyword arguments of every pipeline task: no Prefect caching (see above).
 PLAIN: dict[str, Any] = {"cache_policy": NO_CACHE}
 # ... and of the tasks whose I/O may fail transiently.
-IO_RETRIES: dict[str, Any] = PLAIN | {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAY_SECONDS,
-                                      "retry_condition_fn": transient_io}
+IO_RETRIES: dict[str, Any] = PLAIN | {
+    "retries": RETRIES,
+    "retry_delay_seconds": RETRY_DELAY_SECONDS,
+    "retry_condition_fn": transient_io,
+}
 
 
 def artifact_key(*parts: str) -> str:

@@ -31,8 +31,14 @@ from tasks.compat import install_fork_fix
 @task(name="fingerprint data", **IO_RETRIES)
 def fingerprint(store: Store, data: str, product: str) -> Manifest:
     out = steps.fingerprint_dataset(store, data, product)
-    get_run_logger().info("%s: %d nominal training images, %d good + %d defective test images; data version %s",
-                          out.data_root, out.n_train, out.n_test_good, out.n_test_defect, out.data_version)
+    get_run_logger().info(
+        "%s: %d nominal training images, %d good + %d defective test images; data version %s",
+        out.data_root,
+        out.n_train,
+        out.n_test_good,
+        out.n_test_defect,
+        out.data_version,
+    )
     return out
 
 
@@ -52,8 +58,14 @@ def validate(store: Store, manifest: Manifest, settings: Params, product: str) -
 def split(store: Store, manifest: Manifest, settings: Params) -> Split:
     out = steps.split_dataset(store, manifest, settings.pipeline)
     logger = get_run_logger()
-    logger.info("split (%s): %d images for the memory bank, %d held-out nominal, %d calibration, %d report",
-                out.mode, out.n_bank, out.n_holdout, out.n_calibration, out.n_report)
+    logger.info(
+        "split (%s): %d images for the memory bank, %d held-out nominal, %d calibration, %d report",
+        out.mode,
+        out.n_bank,
+        out.n_holdout,
+        out.n_calibration,
+        out.n_report,
+    )
     if out.calibration_note:
         logger.warning(out.calibration_note)
     return out
@@ -70,22 +82,38 @@ def extract(store: Store, manifest: Manifest, division: Split, settings: Params)
             logger.info("extracted %d/%d images", done, total)
 
     out = steps.extract_features(store, manifest, division, settings.model, on_progress=progress)
-    logger.info("features of %d images: %d extracted, %d from the cache (%s)", out.n_images, out.n_extracted,
-                out.n_cached, out.feature_dir)
+    logger.info(
+        "features of %d images: %d extracted, %d from the cache (%s)",
+        out.n_images,
+        out.n_extracted,
+        out.n_cached,
+        out.feature_dir,
+    )
     return out
 
 
 @task(name="coreset memory bank", **IO_RETRIES)
 def coreset(store: Store, manifest: Manifest, division: Split, features: FeatureSet, settings: Params) -> Bank:
-    out = steps.build_memory_bank(store, manifest, division, features, settings.model,
-                                  warm_start=settings.pipeline.incremental_coreset)
+    out = steps.build_memory_bank(
+        store, manifest, division, features, settings.model, warm_start=settings.pipeline.incremental_coreset
+    )
     log = get_run_logger()
-    log.info("memory bank: %d patches of %d (%s%s)", out.bank_size, out.n_train_patches, out.bank_dir,
-             "; found in the store" if out.cached else "")
+    log.info(
+        "memory bank: %d patches of %d (%s%s)",
+        out.bank_size,
+        out.n_train_patches,
+        out.bank_dir,
+        "; found in the store" if out.cached else "",
+    )
     if out.coreset_continued and not out.cached:
         c = out.coreset_continued
-        log.info("coreset continued from bank %s: kept its %d picks, added picks for %d new image(s) in %.1f s",
-                 c["from_bank"], c["prior_picks"], c["new_images"], out.coreset_seconds or 0.0)
+        log.info(
+            "coreset continued from bank %s: kept its %d picks, added picks for %d new image(s) in %.1f s",
+            c["from_bank"],
+            c["prior_picks"],
+            c["new_images"],
+            out.coreset_seconds or 0.0,
+        )
     return out
 
 
@@ -94,41 +122,66 @@ def evaluate(store: Store, manifest: Manifest, division: Split, bank: Bank) -> E
     install_fork_fix()
     out = steps.evaluate_bank(store, manifest, division, bank)
     shown = {k: round(v, 4) for k, v in out.metrics.items() if k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
-    get_run_logger().info("evaluation (%s%s): %s", out.mode, ", found in the store" if out.cached else "",
-                          shown or "held-out nominal scores only (no labelled defects)")
+    get_run_logger().info(
+        "evaluation (%s%s): %s",
+        out.mode,
+        ", found in the store" if out.cached else "",
+        shown or "held-out nominal scores only (no labelled defects)",
+    )
     return out
 
 
 @task(name="calibrate threshold", **IO_RETRIES)
-def calibrate(store: Store, evaluation: Evaluation, bank: Bank, product: str, settings: Params,
-              manifest: Manifest, division: Split, features: FeatureSet) -> Calibration:
+def calibrate(
+    store: Store,
+    evaluation: Evaluation,
+    bank: Bank,
+    product: str,
+    settings: Params,
+    manifest: Manifest,
+    division: Split,
+    features: FeatureSet,
+) -> Calibration:
     provenance = steps.provenance(product, manifest, division.split_key, features.identity)
     out = steps.calibrate(store, evaluation, bank, product, settings.pipeline, provenance)
     c = out.calibration
-    get_run_logger().info("threshold %.6g (%s); held-out FPR %.3f; figures at the threshold measured on %s",
-                          c["threshold"], c["rule_detail"], c["heldout_fpr"], c["report_on"])
+    get_run_logger().info(
+        "threshold %.6g (%s); held-out FPR %.3f; figures at the threshold measured on %s",
+        c["threshold"],
+        c["rule_detail"],
+        c["heldout_fpr"],
+        c["report_on"],
+    )
     return out
 
 
 @task(name="report plots", **IO_RETRIES)
-def report(store: Store, evaluation: Evaluation, calibrated: Calibration, manifest: Manifest,
-           settings: Params) -> Report:
+def report(
+    store: Store, evaluation: Evaluation, calibrated: Calibration, manifest: Manifest, settings: Params
+) -> Report:
     out = steps.make_report(store, evaluation, calibrated, manifest, settings.pipeline)
     get_run_logger().info("report: %s", ", ".join(p.rsplit("/", 1)[-1] for p in out.files))
     return out
 
 
 @task(name="register model", **PLAIN)
-def register(store: Store, product: str, settings: Params, record: TrainingRecord,
-             validation: Validation) -> dict:
+def register(store: Store, product: str, settings: Params, record: TrainingRecord, validation: Validation) -> dict:
     # No retries: a second attempt after a half-finished registration could create a second version.
     registered = Registry(settings.mlflow).log_training(product, settings, record)
-    reference = steps.accept_validated_set(store, validation, {"model": registered["name"],
-                                                               "version": registered["version"],
-                                                               "data_version": record.data_version})
+    reference = steps.accept_validated_set(
+        store,
+        validation,
+        {"model": registered["name"], "version": registered["version"], "data_version": record.data_version},
+    )
     logger = get_run_logger()
-    logger.info("registered %s version %s (alias challenger), run %s at %s; drift reference %s", registered["name"],
-                registered["version"], registered["run_id"], registered["tracking_uri"], reference)
+    logger.info(
+        "registered %s version %s (alias challenger), run %s at %s; drift reference %s",
+        registered["name"],
+        registered["version"],
+        registered["run_id"],
+        registered["tracking_uri"],
+        reference,
+    )
     if registered["random_weights"]:
         logger.warning("this model uses RANDOM backbone weights: promotion needs --allow-random-weights")
     return registered
@@ -137,8 +190,12 @@ def register(store: Store, product: str, settings: Params, record: TrainingRecor
 @task(name="publish summary", **PLAIN)
 def publish(product: str, record: TrainingRecord, registered: dict) -> str:
     summary = steps.summary_markdown(record, registered)
-    create_markdown_artifact(markdown=summary, key=artifact_key("train", product),
-                             description=f"PatchCore training summary for {product}")
-    create_table_artifact(table=record.per_defect_rows, key=artifact_key("train", product, "per-defect"),
-                          description=f"Per-defect-type results at the threshold for {product}")
+    create_markdown_artifact(
+        markdown=summary, key=artifact_key("train", product), description=f"PatchCore training summary for {product}"
+    )
+    create_table_artifact(
+        table=record.per_defect_rows,
+        key=artifact_key("train", product, "per-defect"),
+        description=f"Per-defect-type results at the threshold for {product}",
+    )
     return summary

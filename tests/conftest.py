@@ -11,9 +11,14 @@ from pathlib import Path
 
 # Before any test module imports Prefect or MLflow: a private Prefect home and no telemetry.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
-for _key, _value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                     ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("HF_HUB_OFFLINE", "1")):
+for _key, _value in (
+    ("DO_NOT_TRACK", "true"),
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"),
+    ("MLFLOW_DISABLE_TELEMETRY", "true"),
+    ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+    ("HF_HUB_OFFLINE", "1"),
+):
     os.environ.setdefault(_key, _value)
 
 import pytest
@@ -28,13 +33,15 @@ SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet_tfl
 
 def tiny_config(**overrides) -> PatchCoreConfig:
     """resnet18, random weights (explicit), 96 px crops: ~10 ms per image on CPU."""
-    base = PatchCoreConfig.from_dict({
-        "backbone": {"name": "resnet18", "weights": "random"},
-        "image": {"resize": 112, "crop": 96},
-        "features": {"pretrain_dim": 256, "target_dim": 256},
-        "coreset": {"fraction": 0.25},
-        "runtime": {"num_workers": 0, "batch_size": 8, "device": "cpu"},
-    })
+    base = PatchCoreConfig.from_dict(
+        {
+            "backbone": {"name": "resnet18", "weights": "random"},
+            "image": {"resize": 112, "crop": 96},
+            "features": {"pretrain_dim": 256, "target_dim": 256},
+            "coreset": {"fraction": 0.25},
+            "runtime": {"num_workers": 0, "batch_size": 8, "device": "cpu"},
+        }
+    )
     return base.replace(**overrides) if overrides else base
 
 
@@ -43,8 +50,11 @@ PARAMS = str(REPO / "params.yaml")
 
 def tiny_overrides() -> dict:
     """tiny_config() as the dotted `model.*` overrides that the pipeline's settings take."""
-    return {f"model.{section}.{key}": value for section, values in tiny_config().to_dict().items()
-            for key, value in values.items()}
+    return {
+        f"model.{section}.{key}": value
+        for section, values in tiny_config().to_dict().items()
+        for key, value in values.items()
+    }
 
 
 @contextlib.contextmanager
@@ -64,8 +74,9 @@ def pipeline_home(root: Path):
 
 @pytest.fixture(scope="session")
 def product(tmp_path_factory) -> Path:
-    return generate_product(tmp_path_factory.mktemp("data"), "tiles", n_train=24, n_test_good=8,
-                            n_test_defect=6, size_px=112, seed=0)
+    return generate_product(
+        tmp_path_factory.mktemp("data"), "tiles", n_train=24, n_test_good=8, n_test_defect=6, size_px=112, seed=0
+    )
 
 
 @pytest.fixture(scope="session")

@@ -39,15 +39,21 @@ def imported_modules(tree: ast.AST, parts: list[str], is_package: bool):
                 yield node.lineno, alias.name, ast.unparse(node)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
+                base = package[: len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
                 name = ".".join(base + (node.module.split(".") if node.module else []))
             else:
                 name = node.module or ""
             yield node.lineno, name, ast.unparse(node)
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
-                   or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))
+            )
+        ):
             yield node.lineno, node.args[0].value, ast.unparse(node)
 
 
@@ -69,13 +75,16 @@ def violations(source: str, relative: Path) -> list[str]:
 
 
 def source_files() -> list[Path]:
-    return sorted(p.relative_to(REPO) for layer in LAYERS for p in (REPO / layer).rglob("*.py")
-                  if "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(REPO) for layer in LAYERS for p in (REPO / layer).rglob("*.py") if "__pycache__" not in p.parts
+    )
 
 
 def test_no_layer_imports_upward_or_a_forbidden_tool():
     files = source_files()
-    assert {f.parts[0] for f in files} == set(LAYERS), "a layer has no Python files: is the test looking in the right place?"
+    assert {f.parts[0] for f in files} == set(LAYERS), (
+        "a layer has no Python files: is the test looking in the right place?"
+    )
     found = [v for f in files for v in violations((REPO / f).read_text(), f)]
     assert not found, "import contract broken:\n  " + "\n  ".join(found)
 
@@ -83,14 +92,23 @@ def test_no_layer_imports_upward_or_a_forbidden_tool():
 def test_the_checker_catches_upward_sideways_and_forbidden_imports():
     lazy_upward = "import json\n\n\ndef run():\n    from flows.train import train\n    return train\n"
     assert violations(lazy_upward, Path("pipeline/steps/bank.py")) == [
-        "pipeline/steps/bank.py:5: `from flows.train import train`: imports flows (layer 3) from pipeline (layer 1): upward"]
-    assert violations("import prefect.artifacts\n", Path("pipeline/x.py"))[0].endswith("pipeline must not import prefect")
+        "pipeline/steps/bank.py:5: `from flows.train import train`: "
+        "imports flows (layer 3) from pipeline (layer 1): upward"
+    ]
+    assert violations("import prefect.artifacts\n", Path("pipeline/x.py"))[0].endswith(
+        "pipeline must not import prefect"
+    )
     assert violations("import mlflow\n", Path("pipeline/x.py")) == []
     assert violations("from mlflow import MlflowClient\n", Path("patchcore/x.py"))
     assert violations("import importlib\nimportlib.import_module('tasks.training')\n", Path("pipeline/x.py"))
     assert violations("from apps import cli\n", Path("deploy/serve.py"))  # sideways between the applications
     assert violations("from deploy.serve import main\n", Path("apps/cli.py"))
     # relative imports resolve inside their own package; importing downward is fine
-    assert violations("from . import io\nfrom .store import Store\nfrom patchcore import PatchCore\n",
-                      Path("pipeline/steps/__init__.py")) == []
+    assert (
+        violations(
+            "from . import io\nfrom .store import Store\nfrom patchcore import PatchCore\n",
+            Path("pipeline/steps/__init__.py"),
+        )
+        == []
+    )
     assert violations("from ..flows import train\n", Path("apps/sub/x.py")) == []  # apps.flows, not flows

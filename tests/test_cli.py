@@ -13,8 +13,22 @@ from patchcore import PatchCore
 from patchcore.cli import main
 from patchcore.config import ConfigError, parse_overrides
 
-TINY = ["--backbone", "resnet18", "--weights", "random", "--resize", "112", "--crop", "96",
-        "--set", "features.pretrain_dim=256", "--set", "features.target_dim=256", "--set", "runtime.num_workers=0"]
+TINY = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "random",
+    "--resize",
+    "112",
+    "--crop",
+    "96",
+    "--set",
+    "features.pretrain_dim=256",
+    "--set",
+    "features.target_dim=256",
+    "--set",
+    "runtime.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +48,23 @@ def test_fit_writes_a_model_with_the_flags_applied(cli_model):
 
 def test_predict_writes_scores_and_heatmaps(cli_model, product, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    assert main(["predict", "--model", str(cli_model), "--images", str(product / "test"), "--out", str(out),
-                 "--maps", str(tmp_path / "maps"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(cli_model),
+                "--images",
+                str(product / "test"),
+                "--out",
+                str(out),
+                "--maps",
+                str(tmp_path / "maps"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     records = json.loads(out.read_text())
     assert len(records) == 26 and all(set(r) == {"path", "score"} for r in records)
     assert len(list((tmp_path / "maps").glob("*.png"))) == 26  # names include the defect folder: no clashes
@@ -47,7 +76,18 @@ def test_threshold_adds_is_anomalous(cli_model, product, tmp_path):
     model.set_threshold(0.0, rule="everything")
     model.save(tmp_path / "m")
     out = tmp_path / "s.json"
-    main(["predict", "--model", str(tmp_path / "m"), "--images", str(product / "test" / "spot"), "--out", str(out), "--quiet"])
+    main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "m"),
+            "--images",
+            str(product / "test" / "spot"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert all(r["is_anomalous"] is True for r in json.loads(out.read_text()))
 
 
@@ -61,8 +101,12 @@ def test_bad_input_exits_non_zero_with_the_file_named(tmp_path, product):
     bad = tmp_path / "imgs"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    run = subprocess.run([sys.executable, "-m", "patchcore.cli", "fit", "--images", str(bad), "--out", str(tmp_path / "m"),
-                          *TINY], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "patchcore.cli", "fit", "--images", str(bad), "--out", str(tmp_path / "m"), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert "a.png: cannot read image" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "m").exists()
@@ -74,7 +118,9 @@ def test_unknown_setting_is_a_clear_error(tmp_path, product, capsys):
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
-    assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
+    assert (
+        main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
+    )
     assert "not a saved PatchCore model" in capsys.readouterr().err
 
 
@@ -92,10 +138,22 @@ def test_the_console_script_evaluates_a_model_folder_like_the_library(cli_model,
 
 
 def test_set_values_are_read_as_yaml_and_a_missing_equals_sign_is_named():
-    assert parse_overrides(["scoring.k=3", "coreset.fraction=0.5", "scoring.reweight=true", "backbone.layers=[a, b]",
-                            " backbone.name =resnet18", "scoring.k=5"]) == {
-        "scoring.k": 5, "coreset.fraction": 0.5, "scoring.reweight": True, "backbone.layers": ["a", "b"],
-        "backbone.name": "resnet18"}
+    assert parse_overrides(
+        [
+            "scoring.k=3",
+            "coreset.fraction=0.5",
+            "scoring.reweight=true",
+            "backbone.layers=[a, b]",
+            " backbone.name =resnet18",
+            "scoring.k=5",
+        ]
+    ) == {
+        "scoring.k": 5,
+        "coreset.fraction": 0.5,
+        "scoring.reweight": True,
+        "backbone.layers": ["a", "b"],
+        "backbone.name": "resnet18",
+    }
     assert parse_overrides(None) == {}
     with pytest.raises(ConfigError, match="--set expects KEY=VALUE, got 'scoring.k'"):
         parse_overrides(["scoring.k"])

@@ -89,14 +89,18 @@ def test_companion_json_supplies_normalisation(tmp_path):
     path.with_suffix(".json").write_text(json.dumps({"input": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
     _, ident = build_backbone(BackboneConfig(name="resnet18", weights=str(path)))
     assert ident.mean == (0.5, 0.5, 0.5) and ident.normalization_source == "weights-json"
-    _, ident = build_backbone(BackboneConfig(name="resnet18", weights=str(path), mean=[0.4, 0.4, 0.4], std=[0.2, 0.2, 0.2]))
+    _, ident = build_backbone(
+        BackboneConfig(name="resnet18", weights=str(path), mean=[0.4, 0.4, 0.4], std=[0.2, 0.2, 0.2])
+    )
     assert ident.mean == (0.4, 0.4, 0.4) and ident.normalization_source == "config"
 
 
 def test_changed_normalisation_is_refused_at_load_time(tmp_path, product):
     path = _save_resnet18(tmp_path / "r18.pth")
     cfg = tiny_config(**{"backbone.weights": str(path)})
-    saved = PatchCore(cfg).fit(sorted((product / "train" / "good").glob("*.png"))[:4], progress=False).save(tmp_path / "m")
+    saved = (
+        PatchCore(cfg).fit(sorted((product / "train" / "good").glob("*.png"))[:4], progress=False).save(tmp_path / "m")
+    )
     path.with_suffix(".json").write_text(json.dumps({"input": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
     with pytest.raises(WeightsError, match="normalisation differs"):
         PatchCore.load(saved)
@@ -104,8 +108,11 @@ def test_changed_normalisation_is_refused_at_load_time(tmp_path, product):
 
 def test_moved_weights_file_is_found_by_argument_and_checked(tmp_path, product):
     path = _save_resnet18(tmp_path / "r18.pth")
-    saved = PatchCore(tiny_config(**{"backbone.weights": str(path)})).fit(
-        sorted((product / "train" / "good").glob("*.png"))[:4], progress=False).save(tmp_path / "m")
+    saved = (
+        PatchCore(tiny_config(**{"backbone.weights": str(path)}))
+        .fit(sorted((product / "train" / "good").glob("*.png"))[:4], progress=False)
+        .save(tmp_path / "m")
+    )
     moved = path.rename(tmp_path / "elsewhere.pth")
     with pytest.raises(WeightsError, match="not found"):
         PatchCore.load(saved)
@@ -123,7 +130,9 @@ def test_offline_imagenet_weights_give_a_clear_error(monkeypatch, tmp_path):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsError, match="cannot load ImageNet weights for 'resnet18'.*--weights /path/to/state_dict.pth"):
+    with pytest.raises(
+        WeightsError, match="cannot load ImageNet weights for 'resnet18'.*--weights /path/to/state_dict.pth"
+    ):
         build_backbone(BackboneConfig(name="resnet18", weights="imagenet"))
 
 

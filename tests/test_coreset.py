@@ -112,8 +112,11 @@ def test_fast_method_breaks_exact_ties_like_plain():
     np.testing.assert_array_equal(fast, plain)
 
 
-@pytest.mark.parametrize("all_blocks,dense", [(0.25, 0.5), (1.1, 0.5), (0.0, 1.1), (0.0, 0.0)],
-                         ids=["defaults", "gathered-only", "all-blocks-gathered", "all-blocks-dense"])
+@pytest.mark.parametrize(
+    "all_blocks,dense",
+    [(0.25, 0.5), (1.1, 0.5), (0.0, 1.1), (0.0, 0.0)],
+    ids=["defaults", "gathered-only", "all-blocks-gathered", "all-blocks-dense"],
+)
 def test_fast_method_keeps_exactly_the_plain_distances(projected, monkeypatch, all_blocks, dense):
     # Stronger than equal picks: after many picks every point's running distance must be
     # bit-identical, i.e. the pruning never skipped an update the plain loop makes, whichever
@@ -207,8 +210,9 @@ def test_identity_and_random_semantics(features):
     assert not np.array_equal(r1, r3)
     assert np.all(np.diff(r1) > 0)  # sorted, unique
     for method in ("approx_greedy", "greedy_plain", "random"):
-        np.testing.assert_array_equal(coreset.select_coreset(features, 1.0, method=method, progress=False),
-                                      np.arange(N))
+        np.testing.assert_array_equal(
+            coreset.select_coreset(features, 1.0, method=method, progress=False), np.arange(N)
+        )
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan"), "abc"])
@@ -243,8 +247,10 @@ def test_float16_memmap_input(tmp_path, features):
 
 def test_torch_input_and_projection_properties(features):
     t = torch.from_numpy(features)
-    np.testing.assert_array_equal(coreset.select_coreset(t, 0.02, seed=0, progress=False),
-                                  coreset.select_coreset(features, 0.02, seed=0, progress=False))
+    np.testing.assert_array_equal(
+        coreset.select_coreset(t, 0.02, seed=0, progress=False),
+        coreset.select_coreset(features, 0.02, seed=0, progress=False),
+    )
     p0 = coreset.project(features, 32, seed=0)
     assert p0.shape == (N, 32)
     assert not torch.equal(p0, coreset.project(features, 32, seed=1))
@@ -289,7 +295,9 @@ def test_warm_start_covers_new_rows_and_only_adds_their_share_of_picks(features,
     new[:500] += torch.from_numpy(rng.standard_normal(128).astype(np.float32)) * 20  # a new kind of surface
     both = torch.cat([old, new])
     prior = coreset.greedy_selection(old, 0.02, seed=0, progress=False)
-    carried = coreset.GreedySelection(prior.indices, np.concatenate([prior.sq_distances, np.full(len(new), np.nan, np.float32)]))
+    carried = coreset.GreedySelection(
+        prior.indices, np.concatenate([prior.sq_distances, np.full(len(new), np.nan, np.float32)])
+    )
     warm = coreset.greedy_selection(both, 0.02, seed=0, progress=False, prior=carried)
     fresh = coreset.greedy_selection(both, 0.02, seed=0, progress=False)
     assert len(warm.indices) == len(fresh.indices) == 100

@@ -22,18 +22,31 @@ from pipeline.data_version import DataVersion, changed_since, data_version, dir_
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(shutil.which("dvc", path=str(VENV_BIN)) is None and shutil.which("dvc") is None,
-                                reason="dvc is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("dvc", path=str(VENV_BIN)) is None and shutil.which("dvc") is None, reason="dvc is not installed"
+)
 
-TINY = {"model.backbone.name": "resnet18", "model.backbone.weights": "random", "model.image.resize": 112,
-        "model.image.crop": 96, "model.features.pretrain_dim": 256, "model.features.target_dim": 256,
-        "model.coreset.fraction": 0.25, "model.runtime.num_workers": 0, "model.runtime.device": "cpu",
-        "validation.min_images": 5}
+TINY = {
+    "model.backbone.name": "resnet18",
+    "model.backbone.weights": "random",
+    "model.image.resize": 112,
+    "model.image.crop": 96,
+    "model.features.pretrain_dim": 256,
+    "model.features.target_dim": 256,
+    "model.coreset.fraction": 0.25,
+    "model.runtime.num_workers": 0,
+    "model.runtime.device": "cpu",
+    "validation.min_images": 5,
+}
 
 
 def run(repo: Path, *args: str, check: bool = True) -> str:
-    env = os.environ | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-                        "PATCHCORE_HOME": str(repo.parent / "home"), "GIT_TERMINAL_PROMPT": "0"}
+    env = os.environ | {
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "PATCHCORE_HOME": str(repo.parent / "home"),
+        "GIT_TERMINAL_PROMPT": "0",
+    }
     env.pop("PATCHCORE_PARAMS", None)
     done = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr

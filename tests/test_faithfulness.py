@@ -44,13 +44,17 @@ def _reference_args() -> list[str]:
     src = os.environ.get("PATCHCORE_REFERENCE_SRC")
     if src:
         if not (Path(src) / "patchcore" / "patchcore.py").is_file():
-            pytest.skip(f"PATCHCORE_REFERENCE_SRC={src} is not the reference's exported src folder "
-                        "(no patchcore/patchcore.py in it)")
+            pytest.skip(
+                f"PATCHCORE_REFERENCE_SRC={src} is not the reference's exported src folder "
+                "(no patchcore/patchcore.py in it)"
+            )
         return ["--reference-src", src]
     if MIRROR.is_dir():
         return []  # the script exports it from the mirror itself
-    pytest.skip("reference implementation not available: set PATCHCORE_REFERENCE_SRC to the src folder of "
-                "a clone of https://github.com/amazon-science/patchcore-inspection")
+    pytest.skip(
+        "reference implementation not available: set PATCHCORE_REFERENCE_SRC to the src folder of "
+        "a clone of https://github.com/amazon-science/patchcore-inspection"
+    )
 
 
 def test_comparison_detects_differences():
@@ -71,8 +75,26 @@ def test_comparison_detects_differences():
 def test_image_scores_match_reference(tmp_path):
     reference = _reference_args()
     out = tmp_path / "faithfulness.json"
-    cmd = [sys.executable, str(SCRIPT), "--synthetic", "--synthetic-size", "64", "--resize", "64", "--crop", "64",
-           "--backbone", "resnet18", "--n-train", "4", "--n-test", "6", "--out", str(out), *reference]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--synthetic",
+        "--synthetic-size",
+        "64",
+        "--resize",
+        "64",
+        "--crop",
+        "64",
+        "--backbone",
+        "resnet18",
+        "--n-train",
+        "4",
+        "--n-test",
+        "6",
+        "--out",
+        str(out),
+        *reference,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     assert proc.returncode in (0, 1), f"comparison could not run:\n{log}"
@@ -96,4 +118,6 @@ def test_image_scores_match_reference(tmp_path):
     diagnostic = result["diagnostic"]
     assert diagnostic["test_features"]["max_row_rel_l2_diff"] <= 1e-5, diagnostic["test_features"]
     assert diagnostic["bank"]["max_row_rel_l2_diff"] <= 1e-5, diagnostic["bank"]
-    assert diagnostic["exact_float64_scores"]["max_rel_diff_ours_vs_reference"] <= 1e-4, diagnostic["exact_float64_scores"]
+    assert diagnostic["exact_float64_scores"]["max_rel_diff_ours_vs_reference"] <= 1e-4, diagnostic[
+        "exact_float64_scores"
+    ]

@@ -69,16 +69,18 @@ def test_knn_equals_brute_force(backend, k):
 def _patch_like(rng, n, dim=128, rank=12):
     """Rows with most of their variance on a few axes (as CNN patch features have) plus noise."""
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, :rank]
-    return ((rng.normal(size=(n, rank)) * np.geomspace(30, 3, rank)) @ basis.T
-            + rng.normal(scale=0.3, size=(n, dim)) + 5.0).astype(np.float32)
+    return (
+        (rng.normal(size=(n, rank)) * np.geomspace(30, 3, rank)) @ basis.T + rng.normal(scale=0.3, size=(n, dim)) + 5.0
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_bounded_search_is_exact_whether_the_bound_settles_a_query_or_not(k):
     rng = np.random.default_rng(4)
     bank = _patch_like(rng, 3000)
-    queries = np.concatenate([bank[:200] + rng.normal(scale=0.5, size=(200, 128)).astype(np.float32),
-                              _patch_like(rng, 200)])
+    queries = np.concatenate(
+        [bank[:200] + rng.normal(scale=0.5, size=(200, 128)).astype(np.float32), _patch_like(rng, 200)]
+    )
     expected_d, expected_i = _brute_force(bank, queries, k)
     tight = BoundedIndex.build(bank)  # most queries settled by the bound
     # Any orthonormal axes keep the search exact (random ones just give a weaker bound).
@@ -157,9 +159,15 @@ def test_channel_layouts_of_real_backbones_give_the_same_numbers(channels):
     # (512, 1024) is wide_resnet50_2's layer2/layer3 at pretrain/target 1024; three layers work too.
     gen = torch.Generator().manual_seed(1)
     dim = 1024 if channels[0] == 512 else 32
-    maps = [torch.randn(1, c, 8 // (2 ** min(i, 1)), 8 // (2 ** min(i, 1)), generator=gen) for i, c in enumerate(channels)]
-    torch.testing.assert_close(patch_features(maps, 3, dim, dim).reshape(-1, dim),
-                               _reference_definition(maps, 3, dim, dim), rtol=1e-5, atol=1e-5)
+    maps = [
+        torch.randn(1, c, 8 // (2 ** min(i, 1)), 8 // (2 ** min(i, 1)), generator=gen) for i, c in enumerate(channels)
+    ]
+    torch.testing.assert_close(
+        patch_features(maps, 3, dim, dim).reshape(-1, dim),
+        _reference_definition(maps, 3, dim, dim),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("length,out", [(10, 4), (4608, 1024), (2048, 1024), (7, 7), (5, 9)])
@@ -173,5 +181,6 @@ def test_pooling_matrix_is_torchs_adaptive_average_pooling(length, out):
 def test_patch_size_five_matches_too():
     gen = torch.Generator().manual_seed(2)
     maps = [torch.randn(2, 16, 10, 10, generator=gen), torch.randn(2, 24, 5, 5, generator=gen)]
-    torch.testing.assert_close(patch_features(maps, 5, 64, 48).reshape(-1, 48),
-                               _reference_definition(maps, 5, 64, 48), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        patch_features(maps, 5, 64, 48).reshape(-1, 48), _reference_definition(maps, 5, 64, 48), rtol=1e-5, atol=1e-5
+    )

@@ -36,7 +36,7 @@ def test_anomaly_map_peak_lies_in_the_planted_defect(fitted, product):
         mask = load_mask(sample.mask_path, cfg.resize, cfg.crop)
         y, x = np.unravel_index(np.argmax(amap), amap.shape)
         # a few pixels of slack: the map is smoothed at the feature grid's resolution (8 px cells)
-        hits += bool(mask[max(0, y - 4): y + 5, max(0, x - 4): x + 5].any())
+        hits += bool(mask[max(0, y - 4) : y + 5, max(0, x - 4) : x + 5].any())
     assert hits / len(samples) >= 0.8
 
 
@@ -51,8 +51,13 @@ def test_save_load_gives_identical_scores(fitted, product, tmp_path):
     before = fitted.predict(test_images, progress=False)
     fitted.set_threshold(float(np.median(before.scores)), rule="test-median")
     path = fitted.save(tmp_path / "model")
-    assert sorted(p.name for p in path.iterdir()) == ["coreset_indices.npy", "coreset_sq_distances.npy", "index.faiss",
-                                                      "memory_bank.npy", "model.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "coreset_indices.npy",
+        "coreset_sq_distances.npy",
+        "index.faiss",
+        "memory_bank.npy",
+        "model.json",
+    ]
     loaded = PatchCore.load(path)
     after = loaded.predict(test_images, progress=False)
     np.testing.assert_array_equal(after.scores, before.scores)
@@ -193,8 +198,11 @@ def test_a_knn_backend_that_cannot_run_fails_before_any_image_is_read(product, t
 def test_euclidean_distance_is_the_square_root_of_the_reference_score(product, fitted):
     model = PatchCore(tiny_config(**{"scoring.distance": "euclidean"})).fit(product, progress=False)
     images = sorted((product / "test" / "scratch").glob("*.png"))
-    np.testing.assert_allclose(model.predict(images, maps=False, progress=False).scores ** 2,
-                               fitted.predict(images, maps=False, progress=False).scores, rtol=1e-5)
+    np.testing.assert_allclose(
+        model.predict(images, maps=False, progress=False).scores ** 2,
+        fitted.predict(images, maps=False, progress=False).scores,
+        rtol=1e-5,
+    )
 
 
 def test_refit_after_new_images_continues_the_saved_coreset(product, tmp_path):
@@ -207,14 +215,16 @@ def test_refit_after_new_images_continues_the_saved_coreset(product, tmp_path):
     np.testing.assert_array_equal(state.indices, old.coreset_state_.indices)
     feats = [f for _, f in old.embed(images, progress=False)]
     rows_old = sum(len(f) for f in feats[:16])
-    prior = GreedySelection(state.indices, np.concatenate([state.sq_distances,
-                                                           np.full(sum(len(f) for f in feats[16:]), np.nan, np.float32)]))
+    prior = GreedySelection(
+        state.indices,
+        np.concatenate([state.sq_distances, np.full(sum(len(f) for f in feats[16:]), np.nan, np.float32)]),
+    )
     new = PatchCore(tiny_config()).fit_features(feats, progress=False, warm_start=prior)
     all_rows = np.concatenate(feats)
     assert len(new.memory_bank_) == int(len(all_rows) * 0.25)
     kept = {row.tobytes() for row in all_rows[state.indices]}
     assert kept <= {row.tobytes() for row in new.memory_bank_}
-    assert np.array_equal(new.coreset_state_.indices[:len(state.indices)], state.indices)
+    assert np.array_equal(new.coreset_state_.indices[: len(state.indices)], state.indices)
     assert np.any(new.coreset_state_.indices >= rows_old)  # the new images got picks of their own
 
     np.save(path / "coreset_sq_distances.npy", state.sq_distances * 2)  # tampered state is refused
@@ -235,8 +245,14 @@ def test_streamed_fit_selects_the_same_coreset_as_the_whole_feature_set(n_images
     cfg = tiny_config(**{"features.target_dim": 32})
     model = PatchCore(cfg).fit_features(iter(feats), n_images=n_images, progress=False)
     all_rows = np.concatenate(feats)
-    expected = coreset.select_coreset(all_rows, cfg.coreset.fraction, projection_dim=cfg.coreset.projection_dim,
-                                      num_starts=cfg.coreset.num_starts, seed=cfg.runtime.seed, progress=False)
+    expected = coreset.select_coreset(
+        all_rows,
+        cfg.coreset.fraction,
+        projection_dim=cfg.coreset.projection_dim,
+        num_starts=cfg.coreset.num_starts,
+        seed=cfg.runtime.seed,
+        progress=False,
+    )
     np.testing.assert_array_equal(model.memory_bank_, all_rows[np.sort(expected)])
     assert model.n_train_patches_ == len(all_rows)
 

@@ -26,7 +26,7 @@ def _copy_in_batches(src: list[Path], dst: Path, batches: int):
     """Yield after each batch of files lands in dst (a copy in progress)."""
     per = -(-len(src) // batches)
     for i in range(0, len(src), per):
-        for path in src[i:i + per]:
+        for path in src[i : i + per]:
             shutil.copy(path, dst / path.name)
         yield
 
@@ -97,16 +97,27 @@ def test_deployments_carry_the_per_product_cron_and_the_new_data_trigger():
     from deploy.serve import build_deployments
     from pipeline.config import load_settings
 
-    settings = load_settings(PARAMS, {"data.products": ["tiles", "bolts"],
-                                      "operations.schedule": {"default": "0 2 * * *", "bolts": "30 3 * * 1"},
-                                      "operations.watch_interval_seconds": 7})
+    settings = load_settings(
+        PARAMS,
+        {
+            "data.products": ["tiles", "bolts"],
+            "operations.schedule": {"default": "0 2 * * *", "bolts": "30 3 * * 1"},
+            "operations.watch_interval_seconds": 7,
+        },
+    )
     found = {d.name: d for d in build_deployments(settings, PARAMS)}
     assert {"train", "promote", "inspect", "watch", "retrain-tiles", "retrain-bolts"} == set(found)
     bolts = found["retrain-bolts"]
-    assert bolts.schedules[0].schedule.cron == "30 3 * * 1" and found["retrain-tiles"].schedules[0].schedule.cron == "0 2 * * *"
+    assert (
+        bolts.schedules[0].schedule.cron == "30 3 * * 1"
+        and found["retrain-tiles"].schedules[0].schedule.cron == "0 2 * * *"
+    )
     assert bolts.schedules[0].parameters["reason"] == "schedule"
     trigger = bolts.triggers[0]
-    assert trigger.expect == {"patchcore.data.settled"} and trigger.match.root["prefect.resource.id"] == "patchcore.product.bolts"
+    assert (
+        trigger.expect == {"patchcore.data.settled"}
+        and trigger.match.root["prefect.resource.id"] == "patchcore.product.bolts"
+    )
     assert trigger.parameters["product"] == "bolts" and trigger.parameters["reason"] == "new-data"
     assert found["watch"].schedules[0].schedule.interval.total_seconds() == 7
     assert found["watch"].concurrency_limit == 1
@@ -133,8 +144,13 @@ def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
     product = repo / "data" / "tiles" / "train" / "good"
     product.mkdir(parents=True)
     (product / "000.png").write_bytes(b"first")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
 
     def sh(*cmd):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env, timeout=60)
@@ -151,10 +167,13 @@ def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
         result = version_data(repo / "data" / "tiles", "tiles")
     assert result["dvc_add"] == "data" and result["git_commit"]
     assert result["version"]["in_dvc"] is True and result["version"]["n_files"] == 2
-    log = subprocess.run(["git", "log", "--name-only", "--format=%s", "-1"], cwd=repo, capture_output=True, text=True).stdout
+    log = subprocess.run(
+        ["git", "log", "--name-only", "--format=%s", "-1"], cwd=repo, capture_output=True, text=True
+    ).stdout
     assert "data: tiles" in log and "data.dvc" in log
-    assert not subprocess.run(["git", "status", "--porcelain", "data.dvc"], cwd=repo, capture_output=True,
-                              text=True).stdout.strip()
+    assert not subprocess.run(
+        ["git", "status", "--porcelain", "data.dvc"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
 
 
 # -- the retrain flow under a Prefect test server ----------------------------------------------------------
@@ -162,8 +181,7 @@ def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("operations")
     with pipeline_home(root):
-        data = generate_product(root / "data", "tiles", n_train=20, n_test_good=6, n_test_defect=6, size_px=112,
-                                seed=0)
+        data = generate_product(root / "data", "tiles", n_train=20, n_test_good=6, n_test_defect=6, size_px=112, seed=0)
         yield {"root": root, "data": data}
 
 
@@ -171,8 +189,7 @@ def env(tmp_path_factory):
 def first(env):
     from flows.retrain import retrain
 
-    return retrain("tiles", str(env["data"]), "new-data", params_path=PARAMS, overrides=TINY,
-                   allow_random_weights=True)
+    return retrain("tiles", str(env["data"]), "new-data", params_path=PARAMS, overrides=TINY, allow_random_weights=True)
 
 
 def test_first_retrain_trains_registers_and_gates(first):
@@ -200,16 +217,22 @@ def test_two_simultaneous_triggers_queue_and_new_images_are_extracted_incrementa
     from flows.retrain import retrain
 
     good = env["data"] / "train" / "good"
-    extra = generate_product(env["root"] / "extra", "tiles", n_train=4, n_test_good=1, n_test_defect=1, size_px=112,
-                             seed=99) / "train" / "good"
+    extra = (
+        generate_product(
+            env["root"] / "extra", "tiles", n_train=4, n_test_good=1, n_test_defect=1, size_px=112, seed=99
+        )
+        / "train"
+        / "good"
+    )
     for i, path in enumerate(sorted(extra.iterdir())):
         shutil.copy(path, good / f"new-{i}.png")
     results, spans = {}, {}
 
     def run(name):
         start = time.monotonic()
-        results[name] = retrain("tiles", str(env["data"]), f"new-data-{name}", params_path=PARAMS, overrides=TINY,
-                                allow_random_weights=True)
+        results[name] = retrain(
+            "tiles", str(env["data"]), f"new-data-{name}", params_path=PARAMS, overrides=TINY, allow_random_weights=True
+        )
         spans[name] = (start, time.monotonic())
 
     threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
@@ -225,7 +248,9 @@ def test_two_simultaneous_triggers_queue_and_new_images_are_extracted_incrementa
     # ... and the coreset continued the first bank instead of starting over: its picks are kept
     continued = trained["coreset_continued"]
     assert first["coreset_continued"] is None and continued is not None
-    assert continued["prior_images"] == first["n_bank"] and continued["new_images"] == trained["n_bank"] - first["n_bank"]
+    assert (
+        continued["prior_images"] == first["n_bank"] and continued["new_images"] == trained["n_bank"] - first["n_bank"]
+    )
     assert continued["prior_picks"] == first["bank_size"] < trained["bank_size"]
 
 

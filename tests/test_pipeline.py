@@ -88,9 +88,24 @@ def test_train_registers_a_challenger_with_metrics_tags_and_artifacts(trained, e
     assert {"image_auroc", "heldout_fpr", "threshold_rule"} <= set(mv.tags)
 
     run = registry.client.get_run(result["registry"]["run_id"])
-    assert {"image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "threshold_recall100", "heldout_fpr",
-            "report_precision", "report_recall", "report_fpr", "report_errors", "bank_size", "seconds_extract",
-            "seconds_coreset", "image_auroc.scratch", "pro.spot"} <= set(run.data.metrics)
+    assert {
+        "image_auroc",
+        "pixel_auroc",
+        "pro",
+        "f1_max",
+        "threshold",
+        "threshold_recall100",
+        "heldout_fpr",
+        "report_precision",
+        "report_recall",
+        "report_fpr",
+        "report_errors",
+        "bank_size",
+        "seconds_extract",
+        "seconds_coreset",
+        "image_auroc.scratch",
+        "pro.spot",
+    } <= set(run.data.metrics)
     assert run.data.params["model.backbone.name"] == "resnet18" and "pipeline.holdout_fraction" in run.data.params
     assert run.data.tags["git_commit"] and run.data.tags["random_weights"] == "true"
     assert "RANDOM" in run.info.run_name
@@ -100,8 +115,15 @@ def test_train_registers_a_challenger_with_metrics_tags_and_artifacts(trained, e
             yield from listing(item.path) if item.is_dir else [item.path]
 
     files = set(listing())
-    assert {"report/roc.png", "report/pr.png", "report/score_histogram.png", "report/heatmaps.png",
-            "validation/summary.json", "evaluation/calibration.json", "evaluation/evaluation.json"} <= files
+    assert {
+        "report/roc.png",
+        "report/pr.png",
+        "report/score_histogram.png",
+        "report/heatmaps.png",
+        "validation/summary.json",
+        "evaluation/calibration.json",
+        "evaluation/evaluation.json",
+    } <= files
 
 
 def test_registered_model_is_a_pyfunc_with_signature_example_and_no_pickles(trained, env):
@@ -135,8 +157,12 @@ def test_train_publishes_a_markdown_summary_and_a_per_defect_table(trained):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        found = {a.key: a for a in client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-tiles", "train-tiles-per-defect"])))}
+        found = {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-tiles", "train-tiles-per-defect"]))
+            )
+        }
     summary = found["train-tiles"].data
     assert trained["result"]["registry"]["run_id"] in summary and "threshold" in summary and "RANDOM" in summary
     rows = json.loads(found["train-tiles-per-defect"].data)
@@ -161,8 +187,9 @@ def widgets(env, tmp_path_factory):
     """A second product whose extraction fails once with an I/O error after 4 images (then retried)."""
     from flows.train import train
 
-    data = generate_product(tmp_path_factory.mktemp("widgets"), "widgets", n_train=12, n_test_good=3, n_test_defect=2,
-                            size_px=112, seed=7)
+    data = generate_product(
+        tmp_path_factory.mktemp("widgets"), "widgets", n_train=12, n_test_good=3, n_test_defect=2, size_px=112, seed=7
+    )
     extracted: list[int] = []
     original = PatchCore.embed
 
@@ -178,8 +205,12 @@ def widgets(env, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(PatchCore, "embed", flaky_embed)
         state = train("widgets", str(data), PARAMS, TINY, return_state=True)
-    return {"result": state.result(), "flow_run_id": state.state_details.flow_run_id, "extracted": extracted,
-            "files_before": before}
+    return {
+        "result": state.result(),
+        "flow_run_id": state.state_details.flow_run_id,
+        "extracted": extracted,
+        "files_before": before,
+    }
 
 
 def test_interrupted_extraction_is_retried_and_extracts_each_image_once(widgets, env):
@@ -256,9 +287,20 @@ with_maps = model.predict(frame.iloc[:1], params={"return_maps": True})
 print(json.dumps({"columns": list(out.columns), "scores": out["score"].tolist(),
                   "flags": out["is_anomalous"].tolist(), "map_shape": list(with_maps["anomaly_map"][0].shape)}))
 """
-    run = subprocess.run([sys.executable, "-c", script, str(product / "test" / "spot" / "000.png"),
-                          str(product / "test" / "good" / "000.png")], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": env["registry"].uri})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(product / "test" / "spot" / "000.png"),
+            str(product / "test" / "good" / "000.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": env["registry"].uri},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["columns"] == ["score", "is_anomalous", "threshold"]
@@ -317,11 +359,14 @@ def test_promote_again_is_a_no_op_and_evaluate_scores_the_champion(promoted, cap
     assert report["version"] == promoted["accepted"]["aliases"]["champion"] and "image_auroc" in report
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("inspect", "--product", "nope", "--images", ".", "--out", "x"), "unknown product 'nope'"),
-    (("inspect", "--product", "widgets", "--images", ".", "--out", "x"), "no champion yet for 'widgets'"),
-    (("rollback", "--product", "tiles"), "only champion so far"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("inspect", "--product", "nope", "--images", ".", "--out", "x"), "unknown product 'nope'"),
+        (("inspect", "--product", "widgets", "--images", ".", "--out", "x"), "no champion yet for 'widgets'"),
+        (("rollback", "--product", "tiles"), "only champion so far"),
+    ],
+)
 def test_registry_errors_are_one_line_and_exit_2(promoted, widgets, argv, message, capsys):
     assert cli(*argv) == 2
     err = capsys.readouterr().err

@@ -78,7 +78,9 @@ def test_extraction_only_processes_images_missing_from_the_cache(store, product,
     victim.unlink()  # as if the run had been interrupted before this image
     seen = []
     original = PatchCore.embed
-    monkeypatch.setattr(PatchCore, "embed", lambda self, images, **kw: (seen.append(len(images)) or original(self, images, **kw)))
+    monkeypatch.setattr(
+        PatchCore, "embed", lambda self, images, **kw: seen.append(len(images)) or original(self, images, **kw)
+    )
     again = steps.extract_features(store, manifest, split, config)
     assert (again.n_extracted, again.n_cached, seen) == (1, first.n_images - 1, [1])
     assert victim.is_file()
@@ -92,8 +94,16 @@ def _evaluation(held, test):
 
 
 def test_labelled_threshold_is_picked_on_calibration_images_and_measured_on_the_others():
-    test = [(1.0, 0, "calibration"), (2.0, 0, "calibration"), (5.0, 1, "calibration"), (6.0, 1, "calibration"),
-            (1.5, 0, "report"), (4.5, 0, "report"), (4.0, 1, "report"), (7.0, 1, "report")]
+    test = [
+        (1.0, 0, "calibration"),
+        (2.0, 0, "calibration"),
+        (5.0, 1, "calibration"),
+        (6.0, 1, "calibration"),
+        (1.5, 0, "report"),
+        (4.5, 0, "report"),
+        (4.0, 1, "report"),
+        (7.0, 1, "report"),
+    ]
     c = steps.choose_threshold(_evaluation([1.0, 3.0], test), PipelineConfig())
     assert c["rule"] == "f1_optimal" and c["threshold"] == 5.0 and c["threshold_recall100"] == 5.0
     assert c["report_independent"] and c["n_report"] == 4

@@ -63,11 +63,17 @@ def run_gate(registry: Registry, settings, data_root, allow_random_weights: bool
     found = promotion.candidates(registry, "tiles")
     eval_set = promotion.pin_evaluation_set(store, data_root)
     challenger = promotion.score_version(registry, store, "tiles", found["challenger"]["version"], eval_set)
-    champion = (promotion.score_version(registry, store, "tiles", found["champion"]["version"], eval_set)
-                if found["champion"] else None)
-    decision = promotion.decide(found["challenger"], found["champion"], challenger, champion, settings.promotion,
-                                allow_random_weights)
-    return promotion.apply_decision(registry, "tiles", decision, eval_set, {"challenger": challenger, "champion": champion})
+    champion = (
+        promotion.score_version(registry, store, "tiles", found["champion"]["version"], eval_set)
+        if found["champion"]
+        else None
+    )
+    decision = promotion.decide(
+        found["challenger"], found["champion"], challenger, champion, settings.promotion, allow_random_weights
+    )
+    return promotion.apply_decision(
+        registry, "tiles", decision, eval_set, {"challenger": challenger, "champion": champion}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,11 @@ def history(env, product, worse_data):
     out = {}
     for name, data in (("first", worse_data), ("better", product), ("equal", product), ("worse", worse_data)):
         version = register_version(registry, settings, data)
-        out[name] = {"version": version, "decision": run_gate(registry, settings, product),
-                     "aliases": registry.aliases("tiles")}
+        out[name] = {
+            "version": version,
+            "decision": run_gate(registry, settings, product),
+            "aliases": registry.aliases("tiles"),
+        }
     return out
 
 
@@ -92,9 +101,11 @@ def test_better_challenger_is_promoted_and_the_old_champion_becomes_previous(his
     better = history["better"]["decision"]
     assert better["promote"], better["reasons"]
     assert better["challenger_metric"] > better["champion_metric"] + 0.1
-    assert history["better"]["aliases"] == {"champion": history["better"]["version"],
-                                            "challenger": history["better"]["version"],
-                                            "previous": history["first"]["version"]}
+    assert history["better"]["aliases"] == {
+        "champion": history["better"]["version"],
+        "challenger": history["better"]["version"],
+        "previous": history["first"]["version"],
+    }
     old = env["registry"].client.get_model_version("patchcore-tiles", history["first"]["version"])
     assert old.tags["challenged_by"] == history["better"]["version"] and old.tags["challenge_outcome"] == "promoted"
 
@@ -127,7 +138,10 @@ def test_rollback_walks_back_through_previous_champions(history, env):
     registry = env["registry"]
     first, better, equal = (history[k]["version"] for k in ("first", "better", "equal"))
     assert promotion.rollback(registry, "tiles")["aliases"] | {} == {
-        "champion": better, "previous": first, "challenger": history["worse"]["version"]}
+        "champion": better,
+        "previous": first,
+        "challenger": history["worse"]["version"],
+    }
     assert registry.client.get_model_version("patchcore-tiles", equal).tags["rolled_back_to"] == better
     assert promotion.rollback(registry, "tiles")["to_version"] == first
     assert "previous" not in registry.aliases("tiles")
@@ -152,15 +166,20 @@ def _challenger(random_weights=False, heldout_fpr=0.0):
     return {"version": "2", "random_weights": random_weights, "heldout_fpr": heldout_fpr}
 
 
-@pytest.mark.parametrize("value, champion_value, promoted", [
-    (0.95, 0.90, True),    # better
-    (0.90, 0.90, True),    # equal
-    (0.895, 0.90, True),   # worse, within the tolerance
-    (0.85, 0.90, False),   # worse beyond the tolerance
-])
+@pytest.mark.parametrize(
+    "value, champion_value, promoted",
+    [
+        (0.95, 0.90, True),  # better
+        (0.90, 0.90, True),  # equal
+        (0.895, 0.90, True),  # worse, within the tolerance
+        (0.85, 0.90, False),  # worse beyond the tolerance
+    ],
+)
 def test_gate_compares_with_the_champion_within_the_tolerance(value, champion_value, promoted):
     cfg = PromotionConfig(metric="image_auroc", tolerance=0.01, min_metric=0.5, max_heldout_fpr=0.1)
-    decision = promotion.decide(_challenger(), {"version": "1"}, {"image_auroc": value}, {"image_auroc": champion_value}, cfg)
+    decision = promotion.decide(
+        _challenger(), {"version": "1"}, {"image_auroc": value}, {"image_auroc": champion_value}, cfg
+    )
     assert decision["promote"] is promoted
 
 
@@ -168,7 +187,9 @@ def test_gate_refuses_random_weights_high_fpr_and_weak_first_models():
     cfg = PromotionConfig(min_metric=0.9, max_heldout_fpr=0.05)
     scores = {"image_auroc": 0.99}
     assert not promotion.decide(_challenger(random_weights=True), None, scores, None, cfg)["promote"]
-    assert promotion.decide(_challenger(random_weights=True), None, scores, None, cfg, allow_random_weights=True)["promote"]
+    assert promotion.decide(_challenger(random_weights=True), None, scores, None, cfg, allow_random_weights=True)[
+        "promote"
+    ]
     assert "held-out FPR" in promotion.decide(_challenger(heldout_fpr=0.2), None, scores, None, cfg)["reasons"][0]
     assert "min_metric" in promotion.decide(_challenger(), None, {"image_auroc": 0.8}, None, cfg)["reasons"][0]
     cold = promotion.decide(_challenger(), None, {}, None, cfg)  # no labelled defects to measure the metric

@@ -13,7 +13,9 @@ from patchcore import PatchCore, PatchCoreConfig, metrics
 from tests.conftest import MTD, SHARED_WEIGHTS
 
 pytestmark = [
-    pytest.mark.mtd, pytest.mark.real_weights, pytest.mark.slow,
+    pytest.mark.mtd,
+    pytest.mark.real_weights,
+    pytest.mark.slow,
     pytest.mark.skipif(not (MTD / "split.json").is_file(), reason=f"MTD data not found at {MTD}"),
     pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"pretrained weights not found at {SHARED_WEIGHTS}"),
 ]
@@ -30,11 +32,13 @@ def _subset():
 
 def _auroc(weights: str) -> tuple[float, PatchCore]:
     train, test = _subset()
-    cfg = PatchCoreConfig.from_dict({
-        "backbone": {"name": "mobilenet_v2", "weights": weights},
-        "coreset": {"method": "random", "fraction": 0.1},
-        "runtime": {"num_workers": 0, "device": "cpu"},
-    })
+    cfg = PatchCoreConfig.from_dict(
+        {
+            "backbone": {"name": "mobilenet_v2", "weights": weights},
+            "coreset": {"method": "random", "fraction": 0.1},
+            "runtime": {"num_workers": 0, "device": "cpu"},
+        }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = PatchCore(cfg).fit([p for p in train], progress=False)

@@ -41,8 +41,9 @@ def _wait(what: str, check, timeout: float, logs: list[Path]):
         if value:
             return value
         time.sleep(1.0)
-    tails = "\n".join(f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:])
-                      for p in logs if p.is_file())
+    tails = "\n".join(
+        f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs if p.is_file()
+    )
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
@@ -56,8 +57,14 @@ def _params_file(path: Path) -> Path:
             node = node[key]
         node[leaf] = value
     params["data"]["products"] = ["tiles"]
-    params["operations"].update({"schedule": {"default": SCHEDULE}, "watch_interval_seconds": 3.0,
-                                 "settle_seconds": 2.0, "git_commit_data": False})
+    params["operations"].update(
+        {
+            "schedule": {"default": SCHEDULE},
+            "watch_interval_seconds": 3.0,
+            "settle_seconds": 2.0,
+            "git_commit_data": False,
+        }
+    )
     path.write_text(yaml.safe_dump(params))
     return path
 
@@ -67,18 +74,28 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PATCHCORE_WEIGHTS")}
-    env.update({
-        "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PATCHCORE_HOME": str(root / "home"), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(root / "prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PATCHCORE_HOME": str(root / "home"),
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        }
+    )
     logs = [root / "prefect.log", root / "deployments.log"]
     procs = []
     try:
         with open(logs[0], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
         def healthy():
             try:
@@ -91,9 +108,25 @@ def served(tmp_path_factory):
         data_root = root / "data"
         generate_product(data_root, "tiles", n_train=16, n_test_good=4, n_test_defect=4, size_px=112, seed=3)
         with open(logs[1], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "deploy.serve", "--params", str(_params_file(root / "params.yaml")),
-                                           "--data-root", str(data_root), "--allow-random-weights"],
-                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "deploy.serve",
+                        "--params",
+                        str(_params_file(root / "params.yaml")),
+                        "--data-root",
+                        str(data_root),
+                        "--allow-random-weights",
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         old_url = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
         try:
@@ -116,7 +149,9 @@ def _client():
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return SyncPrefectClient(os.environ["PREFECT_API_URL"]), temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]})
+    return SyncPrefectClient(os.environ["PREFECT_API_URL"]), temporary_settings(
+        {PREFECT_API_URL: os.environ["PREFECT_API_URL"]}
+    )
 
 
 def _deployment(client, name: str):
@@ -135,19 +170,25 @@ def _runs(client, deployment_id, state: str | None = None):
         FlowRunFilterStateType,
     )
 
-    run_filter = (FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state]))) if state else None)
-    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                 flow_run_filter=run_filter)
+    run_filter = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[state]))) if state else None
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), flow_run_filter=run_filter
+    )
 
 
 def test_new_images_start_a_retrain_through_watch_event_and_trigger_and_the_cron_is_scheduled(served):
     client, settings = _client()
     with client, settings:
-        retrain = _wait("the retrain-tiles deployment", lambda: _deployment(client, "retrain-tiles"), 120, served["logs"])
+        retrain = _wait(
+            "the retrain-tiles deployment", lambda: _deployment(client, "retrain-tiles"), 120, served["logs"]
+        )
         assert retrain.schedules and retrain.schedules[0].schedule.cron == SCHEDULE
         # The server's scheduler creates the cron's upcoming runs (needs a working scheduler service).
-        scheduled = _wait("scheduled runs of the cron", lambda: _runs(client, retrain.id, "SCHEDULED"), 120, served["logs"])
+        scheduled = _wait(
+            "scheduled runs of the cron", lambda: _runs(client, retrain.id, "SCHEDULED"), 120, served["logs"]
+        )
         assert all(r.parameters.get("reason") == "schedule" for r in scheduled)
+
         # The watcher's first look at a product folder with images fires the event; the trigger starts
         # a retrain with reason new-data, which trains and registers version 1.
         def finished_new_data_run():
@@ -159,8 +200,14 @@ def test_new_images_start_a_retrain_through_watch_event_and_trigger_and_the_cron
         assert run.state.is_completed(), f"retrain ended {run.state.name}: {run.state.message}"
         watch = _deployment(client, "watch")
         assert _runs(client, watch.id, "COMPLETED")  # the interval deployment ran
-    result = subprocess.run([sys.executable, "-m", "apps.cli", "status", "--product", "tiles", "--json"],
-                            cwd=REPO, env=served["env"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "apps.cli", "status", "--product", "tiles", "--json"],
+        cwd=REPO,
+        env=served["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     tiles = json.loads(result.stdout)["products"]["tiles"]
     assert int(tiles["latest_version"]) >= 1 and "challenger" in tiles["aliases"]

@@ -23,8 +23,11 @@ def home(tmp_path, monkeypatch):
 
 
 def stores(tmp_path):
-    return [Store(tmp_path / "local"), Store(f"memory://patchcore-{uuid.uuid4().hex}"),
-            Store(f"file://{tmp_path / 'shared'}")]
+    return [
+        Store(tmp_path / "local"),
+        Store(f"memory://patchcore-{uuid.uuid4().hex}"),
+        Store(f"file://{tmp_path / 'shared'}"),
+    ]
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2], ids=["folder", "memory-url", "file-url"])
@@ -106,12 +109,28 @@ def test_atomic_directory_swaps_a_whole_folder(tmp_path):
 
 def test_step_results_round_trip_through_json():
     results = [
-        Manifest(manifest="/s/datasets/m.json", manifest_sha256="ab", data_root="/d", data_version="md5",
-                 data_version_record={"md5": "md5"}, n_train=3, n_test_good=1, n_test_defect=1, seconds=0.5),
-        Split(split="/s/splits/k.json", split_key="k", mode="labelled", n_bank=2, n_holdout=1, n_calibration=1,
-              n_report=1),
-        Bank(bank_dir="/s/banks/b", bank_key="b", bank_size=10, n_train_patches=100, weights_kind="random",
-             coreset_continued={"from_bank": "a"}),
+        Manifest(
+            manifest="/s/datasets/m.json",
+            manifest_sha256="ab",
+            data_root="/d",
+            data_version="md5",
+            data_version_record={"md5": "md5"},
+            n_train=3,
+            n_test_good=1,
+            n_test_defect=1,
+            seconds=0.5,
+        ),
+        Split(
+            split="/s/splits/k.json", split_key="k", mode="labelled", n_bank=2, n_holdout=1, n_calibration=1, n_report=1
+        ),
+        Bank(
+            bank_dir="/s/banks/b",
+            bank_key="b",
+            bank_size=10,
+            n_train_patches=100,
+            weights_kind="random",
+            coreset_continued={"from_bank": "a"},
+        ),
         Evaluation(evaluation_dir="/s/evaluations/e", mode="labelled", metrics={"image_auroc": 0.9}),
     ]
     for result in results:

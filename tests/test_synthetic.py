@@ -190,8 +190,24 @@ def test_render_sample_rejects_defects_in_train():
 
 
 def test_cli(tmp_path, capsys):
-    rc = main(["--out", str(tmp_path), "--product", "tiles", "--seed", "0", "--n-train", "4",
-               "--n-test-good", "2", "--n-test-defect", "1", "--size", "64"])
+    rc = main(
+        [
+            "--out",
+            str(tmp_path),
+            "--product",
+            "tiles",
+            "--seed",
+            "0",
+            "--n-train",
+            "4",
+            "--n-test-good",
+            "2",
+            "--n-test-defect",
+            "1",
+            "--size",
+            "64",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "tiles") in out and "wrote 9 images" in out

@@ -47,8 +47,7 @@ def make_product(root: Path, name: str = "widget", seeds=range(N_IMAGES), bright
 
 @pytest.fixture
 def params() -> Params:
-    return Params.from_dict({"model": {"image": {"resize": SIDE_PX, "crop": CROP_PX}},
-                             "validation": {"min_images": 5}})
+    return Params.from_dict({"model": {"image": {"resize": SIDE_PX, "crop": CROP_PX}}, "validation": {"min_images": 5}})
 
 
 @pytest.fixture
@@ -85,7 +84,7 @@ def test_a_good_set_passes_with_a_summary_a_table_and_data_docs(product, params)
 def _corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2  # inside the IDAT chunk: its checksum no longer matches
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     path.write_bytes(bytes(data))
 
 
@@ -98,24 +97,45 @@ BAD_INPUTS = {
     "corrupt": (lambda good: _corrupt(good / "002.png"), "002.png", "every file decodes", "broken"),
     "truncated": (lambda good: _truncate(good / "002.png"), "002.png", "every file decodes", "truncated"),
     "zero-byte": (lambda good: (good / "002.png").write_bytes(b""), "002.png", "no zero-byte files", "0"),
-    "zero-byte decodes": (lambda good: (good / "002.png").write_bytes(b""), "002.png", "every file decodes",
-                          "zero-byte file"),
-    "non-image content": (lambda good: (good / "002.png").write_text("not a picture"), "002.png",
-                          "every file decodes", "not a recognised image format"),
-    "non-image file": (lambda good: (good / "notes.txt").write_text("hello"), "notes.txt",
-                       "only image files", "notes.txt"),
-    "mixed modes": (lambda good: texture(2, mode="L").save(good / "002.png"), "002.png",
-                    "one colour mode", "L"),
-    "too small": (lambda good: texture(2, side=CROP_PX - 8).save(good / "002.png"), "002.png",
-                  "width within", str(CROP_PX - 8)),
-    "too large": (lambda good: Image.new("RGB", (2500, 40)).save(good / "002.png"), "002.png",
-                  "width within", "2500"),
-    "too many pixels": (lambda good: Image.new("RGB", (1200, 1200)).save(good / "002.png"), "002.png",
-                        "at most max_pixels", "1440000"),
-    "duplicates": (lambda good: shutil.copy(good / "003.png", good / "003 copy.png"), "003 copy.png",
-                   "no exact duplicates", "same bytes as 003.png"),
-    "format": (lambda good: texture(2).save(good / "002.jpg", quality=95), "002.jpg",
-               "allowed image formats", "JPEG"),
+    "zero-byte decodes": (
+        lambda good: (good / "002.png").write_bytes(b""),
+        "002.png",
+        "every file decodes",
+        "zero-byte file",
+    ),
+    "non-image content": (
+        lambda good: (good / "002.png").write_text("not a picture"),
+        "002.png",
+        "every file decodes",
+        "not a recognised image format",
+    ),
+    "non-image file": (
+        lambda good: (good / "notes.txt").write_text("hello"),
+        "notes.txt",
+        "only image files",
+        "notes.txt",
+    ),
+    "mixed modes": (lambda good: texture(2, mode="L").save(good / "002.png"), "002.png", "one colour mode", "L"),
+    "too small": (
+        lambda good: texture(2, side=CROP_PX - 8).save(good / "002.png"),
+        "002.png",
+        "width within",
+        str(CROP_PX - 8),
+    ),
+    "too large": (lambda good: Image.new("RGB", (2500, 40)).save(good / "002.png"), "002.png", "width within", "2500"),
+    "too many pixels": (
+        lambda good: Image.new("RGB", (1200, 1200)).save(good / "002.png"),
+        "002.png",
+        "at most max_pixels",
+        "1440000",
+    ),
+    "duplicates": (
+        lambda good: shutil.copy(good / "003.png", good / "003 copy.png"),
+        "003 copy.png",
+        "no exact duplicates",
+        "same bytes as 003.png",
+    ),
+    "format": (lambda good: texture(2).save(good / "002.jpg", quality=95), "002.jpg", "allowed image formats", "JPEG"),
 }
 
 
@@ -124,8 +144,12 @@ def test_each_kind_of_bad_input_is_caught_and_named(product, params, case):
     damage, file_name, rule_words, observed = BAD_INPUTS[case]
     good = product / "train" / "good"
     damage(good)
-    strict = Params.from_dict({**_as_dict(params), "validation": {"min_images": 5, "max_side_px": 2000,
-                                                                  "max_pixels": 1_000_000, "formats": ["PNG"]}})
+    strict = Params.from_dict(
+        {
+            **_as_dict(params),
+            "validation": {"min_images": 5, "max_side_px": 2000, "max_pixels": 1_000_000, "formats": ["PNG"]},
+        }
+    )
 
     result = check(product, strict)
 
@@ -239,8 +263,19 @@ def test_params_yaml_validation_section_equals_the_code_defaults():
 def test_the_suite_in_the_repo_is_readable_and_complete():
     suite = yaml.safe_load((REPO / "pipeline" / "expectations" / "nominal_images.yaml").read_text())
     rules = " | ".join(e["rule"] for e in suite["expectations"])
-    for words in ("decodes", "zero-byte", "formats", "colour mode", "width", "height", "max_pixels", "duplicates",
-                  "min_images", "luminance", "contrast"):
+    for words in (
+        "decodes",
+        "zero-byte",
+        "formats",
+        "colour mode",
+        "width",
+        "height",
+        "max_pixels",
+        "duplicates",
+        "min_images",
+        "luminance",
+        "contrast",
+    ):
         assert words in rules
     assert all(e.get("fix") for e in suite["expectations"])
 
@@ -249,7 +284,9 @@ def test_great_expectations_is_imported_only_when_a_validation_runs():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.validation, pipeline.data_version, apps.cli; "
-            "apps.cli.build_parser(); print('great_expectations' in sys.modules)")
+    code = (
+        "import sys, pipeline.validation, pipeline.data_version, apps.cli; "
+        "apps.cli.build_parser(); print('great_expectations' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.stdout.strip() == "False", done.stderr

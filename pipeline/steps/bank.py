@@ -38,8 +38,13 @@ def warm_start_source(store: Store, images: list[str], config: PatchCoreConfig) 
         except (ModelFileError, FileNotFoundError):
             continue
         prior = meta.get("provenance", {}).get("train_image_keys") or []
-        if (CORESET_DISTANCES_FILE in meta["files"] and meta["config"] == settings and len(prior) > best_size
-                and meta["provenance"].get("feature_identity") == identity and set(prior) < wanted):
+        if (
+            CORESET_DISTANCES_FILE in meta["files"]
+            and meta["config"] == settings
+            and len(prior) > best_size
+            and meta["provenance"].get("feature_identity") == identity
+            and set(prior) < wanted
+        ):
             best, best_size = (key, meta), len(prior)
     return best
 
@@ -63,12 +68,23 @@ def _carry_over(store: Store, source: str, meta: dict[str, Any], images: list[st
     rows = (new_start[:, None] + np.arange(per_image)).reshape(-1)
     distances[rows] = state.sq_distances
     picks = new_start[state.indices // per_image] + state.indices % per_image
-    return GreedySelection(picks, distances), {"from_bank": source, "prior_images": len(prior),
-                                               "new_images": len(images) - len(prior), "prior_picks": len(picks)}
+    return GreedySelection(picks, distances), {
+        "from_bank": source,
+        "prior_images": len(prior),
+        "new_images": len(images) - len(prior),
+        "prior_picks": len(picks),
+    }
 
 
-def build_memory_bank(store: Store, manifest: Manifest, split: Split, features: FeatureSet, config: PatchCoreConfig,
-                      warm_start: bool = False, progress: bool = False) -> Bank:
+def build_memory_bank(
+    store: Store,
+    manifest: Manifest,
+    split: Split,
+    features: FeatureSet,
+    config: PatchCoreConfig,
+    warm_start: bool = False,
+    progress: bool = False,
+) -> Bank:
     """The coreset-subsampled memory bank from the cached features, saved as a PatchCore folder
     (no threshold yet) under banks/<bank_key>/; an existing one with that key is returned as is
     (`cached`).
@@ -84,30 +100,55 @@ def build_memory_bank(store: Store, manifest: Manifest, split: Split, features: 
     key = bank_key(features.identity, shas, config, source[0] if source else None)
     cached = store.has("banks", key, "model.json")
     if not cached:
-        absent = [f"{features.feature_dir}/{sha}.npy" for sha in shas if not store.has("features", features.identity,
-                                                                                          f"{sha}.npy")]
+        absent = [
+            f"{features.feature_dir}/{sha}.npy"
+            for sha in shas
+            if not store.has("features", features.identity, f"{sha}.npy")
+        ]
         if absent:
-            raise FileNotFoundError(f"{len(absent)} cached feature file(s) are missing, e.g. {absent[0]}; "
-                                    "run the extract step again")
+            raise FileNotFoundError(
+                f"{len(absent)} cached feature file(s) are missing, e.g. {absent[0]}; run the extract step again"
+            )
         files = [store.fetch("features", features.identity, f"{sha}.npy") for sha in shas]
         prior, continued = _carry_over(store, source[0], source[1], shas) if source else (None, None)
         if continued:
-            logger.info("coreset continues bank %s (%d images, %d picks): %d new image(s)", source[0],
-                        continued["prior_images"], continued["prior_picks"], continued["new_images"])
+            logger.info(
+                "coreset continues bank %s (%d images, %d picks): %d new image(s)",
+                source[0],
+                continued["prior_images"],
+                continued["prior_picks"],
+                continued["new_images"],
+            )
         model = PatchCore(config)
-        model.fit_features((np.load(f, mmap_mode="r", allow_pickle=False) for f in files), n_images=len(files),
-                           progress=progress, warm_start=prior)
+        model.fit_features(
+            (np.load(f, mmap_mode="r", allow_pickle=False) for f in files),
+            n_images=len(files),
+            progress=progress,
+            warm_start=prior,
+        )
         digest = hashlib.sha256("".join(shas).encode())
-        model.provenance_.update({"train_images_sha256": digest.hexdigest(), "feature_identity": features.identity,
-                                  "train_image_keys": shas, "coreset_continued": continued})
+        model.provenance_.update(
+            {
+                "train_images_sha256": digest.hexdigest(),
+                "feature_identity": features.identity,
+                "train_image_keys": shas,
+                "coreset_continued": continued,
+            }
+        )
         with store.directory("banks", key) as folder:
             model.save(folder)
     meta = read_model_json(store.fetch("banks", key))
-    return Bank(bank_dir=str(store.path("banks", key)), bank_key=key, bank_size=meta["memory_bank"]["size"],
-                n_train_patches=meta["memory_bank"]["train_patches"], weights_kind=meta["backbone"]["weights"]["kind"],
-                coreset_seconds=meta.get("timings", {}).get("coreset_seconds"),
-                coreset_continued=meta["provenance"].get("coreset_continued"), cached=cached,
-                seconds=time.perf_counter() - start)
+    return Bank(
+        bank_dir=str(store.path("banks", key)),
+        bank_key=key,
+        bank_size=meta["memory_bank"]["size"],
+        n_train_patches=meta["memory_bank"]["train_patches"],
+        weights_kind=meta["backbone"]["weights"]["kind"],
+        coreset_seconds=meta.get("timings", {}).get("coreset_seconds"),
+        coreset_continued=meta["provenance"].get("coreset_continued"),
+        cached=cached,
+        seconds=time.perf_counter() - start,
+    )
 
 
 __all__ = ["bank_key", "build_memory_bank", "warm_start_source"]

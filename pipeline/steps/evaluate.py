@@ -20,8 +20,9 @@ from pipeline.steps.split import CALIBRATION, HOLDOUT, REPORT, TEST, load_split
 from pipeline.store import Store
 
 
-def score_records(model: PatchCore, root: str | Path, records: list[dict[str, Any]]
-                  ) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+def score_records(
+    model: PatchCore, root: str | Path, records: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
     """Score `records` (dicts with path, split, label, defect_type and mask relative to `root`) in
     place (`score`), and compute the labelled figures of the test records when they hold both good
     and defective images: (metrics, per_defect_type, anomaly maps of every record)."""
@@ -33,11 +34,19 @@ def score_records(model: PatchCore, root: str | Path, records: list[dict[str, An
     figures: dict[str, Any] = {}
     per_type: dict[str, Any] = {}
     if {0, 1} <= {records[i]["label"] for i in test_idx}:
-        samples = [Sample(root / records[i]["path"], records[i]["label"], records[i]["defect_type"],
-                          root / records[i]["mask"] if records[i].get("mask") else None) for i in test_idx]
+        samples = [
+            Sample(
+                root / records[i]["path"],
+                records[i]["label"],
+                records[i]["defect_type"],
+                root / records[i]["mask"] if records[i].get("mask") else None,
+            )
+            for i in test_idx
+        ]
         cfg = model.config.image
-        figures, per_type, _ = labelled_metrics(samples, predictions.scores[test_idx],
-                                                predictions.anomaly_maps[test_idx], cfg.resize, cfg.crop)
+        figures, per_type, _ = labelled_metrics(
+            samples, predictions.scores[test_idx], predictions.anomaly_maps[test_idx], cfg.resize, cfg.crop
+        )
     return figures, per_type, predictions.anomaly_maps
 
 
@@ -57,24 +66,50 @@ def evaluate_bank(store: Store, manifest: Manifest, split: Split, bank: Bank) ->
     if not cached:
         content, division = load_manifest(manifest), load_split(split)
         roles = {p: CALIBRATION for p in division["calibration"]} | {p: REPORT for p in division["report"]}
-        records = [{"path": p, "split": HOLDOUT, "label": 0, "defect_type": GOOD, "role": HOLDOUT}
-                   for p in division["holdout"]]
-        records += [{"path": e["path"], "split": TEST, "label": e["label"], "defect_type": e["defect_type"],
-                     "role": roles.get(e["path"]), "mask": e["mask"]}
-                    for e in sorted((e for e in content["images"] if e["split"] == "test"), key=lambda e: e["path"])]
+        records = [
+            {"path": p, "split": HOLDOUT, "label": 0, "defect_type": GOOD, "role": HOLDOUT} for p in division["holdout"]
+        ]
+        records += [
+            {
+                "path": e["path"],
+                "split": TEST,
+                "label": e["label"],
+                "defect_type": e["defect_type"],
+                "role": roles.get(e["path"]),
+                "mask": e["mask"],
+            }
+            for e in sorted((e for e in content["images"] if e["split"] == "test"), key=lambda e: e["path"])
+        ]
         model = PatchCore.load(store.fetch("banks", bank.bank_key))
         figures, per_type, maps = score_records(model, content["root"], records)
         held = np.array([r["score"] for r in records if r["split"] == HOLDOUT])
-        figures = {"n_holdout": len(division["holdout"]), "n_test": sum(r["split"] == TEST for r in records),
-                   **figures, "holdout_score_mean": float(held.mean()), "holdout_score_max": float(held.max())}
-        result = {"mode": division["mode"], "records": records, "metrics": figures, "per_defect_type": per_type,
-                  "crop": model.config.image.crop, "resize": model.config.image.resize}
+        figures = {
+            "n_holdout": len(division["holdout"]),
+            "n_test": sum(r["split"] == TEST for r in records),
+            **figures,
+            "holdout_score_mean": float(held.mean()),
+            "holdout_score_max": float(held.max()),
+        }
+        result = {
+            "mode": division["mode"],
+            "records": records,
+            "metrics": figures,
+            "per_defect_type": per_type,
+            "crop": model.config.image.crop,
+            "resize": model.config.image.resize,
+        }
         with store.directory("evaluations", key) as folder:
             np.save(folder / "maps.npy", np.asarray(maps, dtype=np.float16), allow_pickle=False)
             (folder / "evaluation.json").write_text(dumps(result))
     data = store.read_json("evaluations", key, "evaluation.json")
-    return Evaluation(evaluation_dir=str(store.path("evaluations", key)), mode=data["mode"], metrics=data["metrics"],
-                      per_defect_type=data["per_defect_type"], cached=cached, seconds=time.perf_counter() - start)
+    return Evaluation(
+        evaluation_dir=str(store.path("evaluations", key)),
+        mode=data["mode"],
+        metrics=data["metrics"],
+        per_defect_type=data["per_defect_type"],
+        cached=cached,
+        seconds=time.perf_counter() - start,
+    )
 
 
 __all__ = ["evaluate_bank", "evaluation_key", "score_records"]

@@ -39,11 +39,18 @@ def feature_identity(config: PatchCoreConfig) -> dict[str, Any]:
         if companion.is_file() and b.mean is None:
             weights += f";normalisation={_file_sha256(companion)}"
     description = {
-        "format": FEATURE_CACHE_FORMAT, "backbone": b.name, "weights": weights,
-        "layers": b.layers or default_layers(b.name), "mean": b.mean, "std": b.std,
+        "format": FEATURE_CACHE_FORMAT,
+        "backbone": b.name,
+        "weights": weights,
+        "layers": b.layers or default_layers(b.name),
+        "mean": b.mean,
+        "std": b.std,
         "image": {"resize": config.image.resize, "crop": config.image.crop},
-        "features": {"patch_size": config.features.patch_size, "pretrain_dim": config.features.pretrain_dim,
-                     "target_dim": config.features.target_dim},
+        "features": {
+            "patch_size": config.features.patch_size,
+            "pretrain_dim": config.features.pretrain_dim,
+            "target_dim": config.features.target_dim,
+        },
     }
     return {"key": content_key(description, length=24), "description": description}
 
@@ -64,8 +71,13 @@ def bank_image_keys(manifest: Manifest, split: Split) -> list[str]:
     return sorted(by_path[p] for p in load_split(split)["bank"])
 
 
-def extract_features(store: Store, manifest: Manifest, split: Split, config: PatchCoreConfig,
-                     on_progress: Callable[[int, int], None] | None = None) -> FeatureSet:
+def extract_features(
+    store: Store,
+    manifest: Manifest,
+    split: Split,
+    config: PatchCoreConfig,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> FeatureSet:
     """Patch features of every memory-bank image, cached per image content hash + feature identity
     in features/<identity>/<sha256>.npy. Only images missing from the cache go through the
     backbone; each file is written atomically, so an interrupted extraction leaves only complete
@@ -86,9 +98,14 @@ def extract_features(store: Store, manifest: Manifest, split: Split, config: Pat
             store.save_npy("features", key, f"{shas[position]}.npy", array=features)
             if on_progress is not None:
                 on_progress(done, len(paths))
-    return FeatureSet(feature_dir=str(store.path("features", key)), identity=key, n_images=len(wanted),
-                      n_cached=len(wanted) - len(missing), n_extracted=len(missing),
-                      seconds=time.perf_counter() - start)
+    return FeatureSet(
+        feature_dir=str(store.path("features", key)),
+        identity=key,
+        n_images=len(wanted),
+        n_cached=len(wanted) - len(missing),
+        n_extracted=len(missing),
+        seconds=time.perf_counter() - start,
+    )
 
 
 __all__ = ["FEATURE_CACHE_FORMAT", "bank_image_keys", "extract_features", "feature_identity"]

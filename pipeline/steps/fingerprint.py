@@ -33,16 +33,32 @@ def manifest_entries(root: Path) -> list[dict[str, Any]]:
     """One entry per image (path relative to `root`, split, label, defect type, sha256, mask)."""
     entries = []
     for sample in resolve_samples(root, split="train"):
-        entries.append({"path": sample.path.relative_to(root).as_posix(), "split": "train", "label": 0,
-                        "defect_type": GOOD, "sha256": sha256_file(sample.path), "mask": None, "mask_sha256": None})
+        entries.append(
+            {
+                "path": sample.path.relative_to(root).as_posix(),
+                "split": "train",
+                "label": 0,
+                "defect_type": GOOD,
+                "sha256": sha256_file(sample.path),
+                "mask": None,
+                "mask_sha256": None,
+            }
+        )
     test_dir = root / "test"
     if test_dir.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in test_dir.rglob("*") if p.is_file()):
         for sample in resolve_samples(root, split="test"):
             mask = sample.mask_path
-            entries.append({"path": sample.path.relative_to(root).as_posix(), "split": "test", "label": sample.label,
-                            "defect_type": sample.defect_type, "sha256": sha256_file(sample.path),
-                            "mask": mask.relative_to(root).as_posix() if mask else None,
-                            "mask_sha256": sha256_file(mask) if mask else None})
+            entries.append(
+                {
+                    "path": sample.path.relative_to(root).as_posix(),
+                    "split": "test",
+                    "label": sample.label,
+                    "defect_type": sample.defect_type,
+                    "sha256": sha256_file(sample.path),
+                    "mask": mask.relative_to(root).as_posix() if mask else None,
+                    "mask_sha256": sha256_file(mask) if mask else None,
+                }
+            )
     entries.sort(key=lambda e: e["path"])
     return entries
 
@@ -57,14 +73,26 @@ def fingerprint_dataset(store: Store, data_root: str | Path, product: str | None
     entries = manifest_entries(root)
     manifest_sha = content_key([(e["path"], e["sha256"], e["mask_sha256"]) for e in entries], length=64)
     version = data_version(root, product or root.name).to_dict()
-    manifest = {"root": str(root), "manifest_sha256": manifest_sha, "data_version": version["md5"],
-                "data_version_record": version, "images": entries}
+    manifest = {
+        "root": str(root),
+        "manifest_sha256": manifest_sha,
+        "data_version": version["md5"],
+        "data_version_record": version,
+        "images": entries,
+    }
     path = store.write_json("datasets", f"{manifest_sha}.json", data=manifest)
     test = [e for e in entries if e["split"] == "test"]
-    return Manifest(manifest=str(path), manifest_sha256=manifest_sha, data_version=version["md5"],
-                    data_version_record=version, data_root=str(root), n_train=len(entries) - len(test),
-                    n_test_good=sum(e["label"] == 0 for e in test), n_test_defect=sum(e["label"] == 1 for e in test),
-                    seconds=time.perf_counter() - start)
+    return Manifest(
+        manifest=str(path),
+        manifest_sha256=manifest_sha,
+        data_version=version["md5"],
+        data_version_record=version,
+        data_root=str(root),
+        n_train=len(entries) - len(test),
+        n_test_good=sum(e["label"] == 0 for e in test),
+        n_test_defect=sum(e["label"] == 1 for e in test),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def load_manifest(manifest: Manifest | str | Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from pipeline.steps.split import HOLDOUT, TEST
 from pipeline.store import Store
 
 
-def make_report(store: Store, evaluation: Evaluation, calibrated: Calibration, manifest: Manifest,
-                cfg: PipelineConfig) -> Report:
+def make_report(
+    store: Store, evaluation: Evaluation, calibrated: Calibration, manifest: Manifest, cfg: PipelineConfig
+) -> Report:
     """ROC and PR curves, the score histogram with the threshold, a grid of heatmap overlays (worst
     misses and false alarms first) and a per-image score table, under reports/<model_key>/."""
     import matplotlib  # noqa: PLC0415  lazy: matplotlib takes ~1 s to import and only this step plots
@@ -38,18 +39,29 @@ def make_report(store: Store, evaluation: Evaluation, calibrated: Calibration, m
     with store.directory("reports", calibrated.model_key) as out:
         files = _plots(plt, out, data, threshold, calibrated.calibration["rule"])
         if cfg.heatmap_grid_size > 0:
-            grid = _heatmap_grid(data["records"], np.load(maps_file), threshold, load_manifest(manifest),
-                                 data["resize"], data["crop"], cfg.heatmap_grid_size)
+            grid = _heatmap_grid(
+                data["records"],
+                np.load(maps_file),
+                threshold,
+                load_manifest(manifest),
+                data["resize"],
+                data["crop"],
+                cfg.heatmap_grid_size,
+            )
             if grid is not None:
                 grid.save(out / "heatmaps.png")
                 files.append("heatmaps.png")
-        table = [{k: r.get(k) for k in ("path", "split", "role", "label", "defect_type", "score")}
-                 | {"is_anomalous": r["score"] >= threshold} for r in data["records"]]
+        table = [
+            {k: r.get(k) for k in ("path", "split", "role", "label", "defect_type", "score")}
+            | {"is_anomalous": r["score"] >= threshold}
+            for r in data["records"]
+        ]
         write_json(out / "scores.json", table)
         files.append("scores.json")
     folder = store.path("reports", calibrated.model_key)
-    return Report(report_dir=str(folder), files=[str(folder / name) for name in files],
-                  seconds=time.perf_counter() - start)
+    return Report(
+        report_dir=str(folder), files=[str(folder / name) for name in files], seconds=time.perf_counter() - start
+    )
 
 
 def _plots(plt, out: Path, data: dict[str, Any], threshold: float, rule: str) -> list[str]:
@@ -73,9 +85,11 @@ def _plots(plt, out: Path, data: dict[str, Any], threshold: float, rule: str) ->
         ax.legend(loc="lower left")
         files.append(_savefig(fig, out / "pr.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
-    groups = {"held-out nominal": [r["score"] for r in records if r["split"] == HOLDOUT],
-              "test good": [r["score"] for r in test if r["label"] == 0],
-              "test defect": [r["score"] for r in test if r["label"] == 1]}
+    groups = {
+        "held-out nominal": [r["score"] for r in records if r["split"] == HOLDOUT],
+        "test good": [r["score"] for r in test if r["label"] == 0],
+        "test defect": [r["score"] for r in test if r["label"] == 1],
+    }
     all_scores = [v for vs in groups.values() for v in vs] + [threshold]
     low, high = min(all_scores), max(all_scores)
     if low > 0 and high / low > 50:  # scores spanning orders of magnitude: a log axis keeps the good ones visible
@@ -85,8 +99,15 @@ def _plots(plt, out: Path, data: dict[str, Any], threshold: float, rule: str) ->
         bins = np.linspace(low, high, 30)
     for (name, values), colour in zip(groups.items(), ("tab:blue", "tab:green", "tab:red")):
         if values:
-            ax.hist(values, bins=bins, alpha=0.5, color=colour, edgecolor=colour, histtype="stepfilled",
-                    label=f"{name} ({len(values)})")
+            ax.hist(
+                values,
+                bins=bins,
+                alpha=0.5,
+                color=colour,
+                edgecolor=colour,
+                histtype="stepfilled",
+                label=f"{name} ({len(values)})",
+            )
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.4g} ({rule})")
     ax.set(xlabel="image anomaly score", ylabel="images", title="Scores: good vs defect")
     ax.legend(fontsize=8)
@@ -103,15 +124,20 @@ def _savefig(fig, path: Path) -> str:
     return path.name
 
 
-def _heatmap_grid(records: list[dict], maps: np.ndarray, threshold: float, manifest: dict, resize: int,
-                  crop: int, size: int):
+def _heatmap_grid(
+    records: list[dict], maps: np.ndarray, threshold: float, manifest: dict, resize: int, crop: int, size: int
+):
     """Overlays in order of what a reviewer should see first: missed defects (lowest score first),
     false alarms (highest first), then the remaining images closest to the threshold."""
     from patchcore.viz import overlay  # noqa: PLC0415  lazy: matplotlib (colour maps) takes ~1 s to import
 
     indexed = list(enumerate(records))
-    misses = sorted((x for x in indexed if x[1]["label"] == 1 and x[1]["score"] < threshold), key=lambda x: x[1]["score"])
-    alarms = sorted((x for x in indexed if x[1]["label"] == 0 and x[1]["score"] >= threshold), key=lambda x: -x[1]["score"])
+    misses = sorted(
+        (x for x in indexed if x[1]["label"] == 1 and x[1]["score"] < threshold), key=lambda x: x[1]["score"]
+    )
+    alarms = sorted(
+        (x for x in indexed if x[1]["label"] == 0 and x[1]["score"] >= threshold), key=lambda x: -x[1]["score"]
+    )
     shown = {i for i, _ in misses + alarms}
     rest = sorted((x for x in indexed if x[0] not in shown), key=lambda x: abs(x[1]["score"] - threshold))
     chosen = (misses + alarms + rest)[:size]
@@ -128,8 +154,13 @@ def _heatmap_grid(records: list[dict], maps: np.ndarray, threshold: float, manif
         x, y = (n % columns) * crop, (n // columns) * (crop + label_px)
         sheet.paste(tile, (x, y + label_px))
         flagged = record["score"] >= threshold
-        verdict = ("MISS" if record["label"] == 1 and not flagged else
-                   "FALSE ALARM" if record["label"] == 0 and flagged else "ok")
+        verdict = (
+            "MISS"
+            if record["label"] == 1 and not flagged
+            else "FALSE ALARM"
+            if record["label"] == 0 and flagged
+            else "ok"
+        )
         colour = "red" if verdict != "ok" else "black"
         draw.text((x + 3, y + 2), f"{record['defect_type']} {record['split']}", fill="black")
         draw.text((x + 3, y + 14), f"{record['score']:.4g} {verdict}", fill=colour)

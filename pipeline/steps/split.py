@@ -46,18 +46,36 @@ def split_dataset(store: Store, manifest: Manifest, cfg: PipelineConfig) -> Spli
 
         if not (has_both(calibration) and has_both(report)):
             calibration, report = test, []
-            calibration_note = ("too few labelled test images to hold any out: the threshold is picked and "
-                                "reported on the same images (optimistic)")
-    split = {"manifest_sha256": content["manifest_sha256"], "mode": "labelled" if labelled else "nominal-only",
-             "bank": sorted(e["path"] for e in bank), "holdout": sorted(e["path"] for e in holdout),
-             "calibration": sorted(e["path"] for e in calibration), "report": sorted(e["path"] for e in report),
-             "calibration_note": calibration_note,
-             "settings": {"holdout_fraction": cfg.holdout_fraction, "holdout_seed": cfg.holdout_seed,
-                          "calibration_fraction": cfg.calibration_fraction}}
+            calibration_note = (
+                "too few labelled test images to hold any out: the threshold is picked and "
+                "reported on the same images (optimistic)"
+            )
+    split = {
+        "manifest_sha256": content["manifest_sha256"],
+        "mode": "labelled" if labelled else "nominal-only",
+        "bank": sorted(e["path"] for e in bank),
+        "holdout": sorted(e["path"] for e in holdout),
+        "calibration": sorted(e["path"] for e in calibration),
+        "report": sorted(e["path"] for e in report),
+        "calibration_note": calibration_note,
+        "settings": {
+            "holdout_fraction": cfg.holdout_fraction,
+            "holdout_seed": cfg.holdout_seed,
+            "calibration_fraction": cfg.calibration_fraction,
+        },
+    }
     key = content_key(content["manifest_sha256"], split["settings"])
     path = store.write_json("splits", f"{key}.json", data=split)
-    return Split(split=str(path), split_key=key, mode=split["mode"], n_bank=len(bank), n_holdout=len(holdout),
-                 n_calibration=len(calibration), n_report=len(report), calibration_note=calibration_note)
+    return Split(
+        split=str(path),
+        split_key=key,
+        mode=split["mode"],
+        n_bank=len(bank),
+        n_holdout=len(holdout),
+        n_calibration=len(calibration),
+        n_report=len(report),
+        calibration_note=calibration_note,
+    )
 
 
 def load_split(split: Split) -> dict:

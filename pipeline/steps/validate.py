@@ -30,30 +30,43 @@ def validate_dataset(store: Store, manifest: Manifest, params: Params, product: 
     problems: list[str] = []
     train = [e for e in content["images"] if e["split"] == "train"]
     if len(train) < 2:
-        problems.append(f"{content['root']}/train/good: {len(train)} image(s); at least 2 are needed "
-                        "(one for the memory bank, one held out)")
+        problems.append(
+            f"{content['root']}/train/good: {len(train)} image(s); at least 2 are needed "
+            "(one for the memory bank, one held out)"
+        )
     files = [image_path(content, e["path"]) for e in content["images"] if e["split"] == "test"]
     files += [image_path(content, e["mask"]) for e in content["images"] if e["mask"]]
     try:
         check_readable(files)
     except DataError as exc:
         problems.append(f"test images / masks: {exc}")
-    checks = write_json(result.out_dir / "pipeline_checks.json", {"test_files_checked": len(files), "problems": problems})
+    checks = write_json(
+        result.out_dir / "pipeline_checks.json", {"test_files_checked": len(files), "problems": problems}
+    )
     if not result.passed:
         raise ValidationError(result)
     if problems:
         raise ValidationFailed(f"data validation failed for {content['root']}:\n  " + "\n  ".join(problems))
     files_out = [str(p) for p in (result.summary_path, result.failures_path, checks) if p is not None]
-    return Validation(summary=str(result.summary_path), files=files_out,
-                      docs_dir=str(result.docs_path.parent) if result.docs_path else None,
-                      n_files=result.summary["n_files"], seconds=time.perf_counter() - start)
+    return Validation(
+        summary=str(result.summary_path),
+        files=files_out,
+        docs_dir=str(result.docs_path.parent) if result.docs_path else None,
+        n_files=result.summary["n_files"],
+        seconds=time.perf_counter() - start,
+    )
 
 
 def accept_validated_set(store: Store, validation: Validation, extra: dict[str, Any]) -> str:
     """Make a validated set the product's drift reference (after its model is registered)."""
     summary = read_json(validation.summary)
-    result = ValidationResult(passed=bool(summary["passed"]), product=summary["product"], folder=Path(summary["folder"]),
-                              summary=summary, stats=summary.get("stats") or {})
+    result = ValidationResult(
+        passed=bool(summary["passed"]),
+        product=summary["product"],
+        folder=Path(summary["folder"]),
+        summary=summary,
+        stats=summary.get("stats") or {},
+    )
     return str(accept_reference(result, extra, store=store))
 
 
