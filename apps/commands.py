@@ -31,9 +31,7 @@ from typing import Any
 from patchcore.cli import cmd_evaluate as library_evaluate
 from patchcore.config import ConfigError, env_weights, parse_overrides
 from pipeline.config import Params, load_settings
-from pipeline.inspection import inspect_images
-from pipeline.promotion import pin_evaluation_set, rollback, score_version, status
-from pipeline.registry import Registry, RegistryError
+from pipeline.registry import Registry, RegistryError, rollback, status
 from pipeline.store import Store
 
 REGISTRY_ALIASES = ("champion", "challenger", "previous")
@@ -274,6 +272,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 @_user_errors
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspection import inspect_images  # noqa: PLC0415  lazy: torch (~1.5 s)
+
     result = inspect_images(
         _registry(args),
         args.product,
@@ -305,6 +305,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     registry = _registry(args, settings)
     version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
     data = args.data or version.tags.get("data_root") or f"data/{args.product}"
+    from pipeline.promotion import pin_evaluation_set, score_version  # noqa: PLC0415  lazy: torch (~1.5 s)
+
     store = Store.from_settings(settings)
     eval_set = pin_evaluation_set(store, data)
     scores = score_version(registry, store, args.product, str(version.version), eval_set)

@@ -22,7 +22,6 @@ from pathlib import Path
 from patchcore.config import ConfigError
 from pipeline import config
 from pipeline.data_version import TAG_PREFIX, changed_since, data_version, dir_md5, reproduce_instructions
-from pipeline.validation import accept_reference, validate_image_set
 
 
 def register(sub) -> None:
@@ -69,6 +68,9 @@ def register(sub) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    # lazy: the validation reads images with the library's loaders (torch, ~1.5 s) and runs GX
+    from pipeline.validation import accept_reference, validate_image_set  # noqa: PLC0415
+
     params = config.load(args.params)
     reference = None if args.no_drift else (args.reference or "auto")
     result = validate_image_set(

@@ -15,7 +15,6 @@ Must never import prefect, mlflow, dvc or great_expectations.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import warnings
@@ -29,6 +28,8 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from patchcore.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
+from patchcore.digest import sha256_file
+from patchcore.errors import BackboneError, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ DEFAULT_LAYERS: dict[str, list[str]] = {
 TIMM_PREFIX = "timm/"
 
 
-class BackboneError(ValueError):
-    """Unknown architecture or layer name."""
-
-
-class WeightsError(RuntimeError):
-    """Backbone weights cannot be obtained or do not match what was recorded."""
-
-
 @dataclass(frozen=True)
 class WeightsIdentity:
     """What the backbone's weights are, precisely enough to rebuild or refuse them later."""
@@ -75,19 +68,6 @@ class WeightsIdentity:
     @property
     def is_random(self) -> bool:
         return self.kind == "random"
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256", chunk_bytes: int = 1 << 20) -> str:
-    """Hex digest of a file's bytes, read in chunks (the one file-hashing helper)."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    return file_digest(path, "sha256")
 
 
 def default_layers(name: str) -> list[str]:

@@ -20,14 +20,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from patchcore.backbone import BackboneError, WeightsError
-from patchcore.config import ConfigError, PatchCoreConfig, load_config, parse_overrides, set_dotted
-from patchcore.data import DataError
-from patchcore.evaluation import evaluate
-from patchcore.model import ModelFileError, PatchCore
-from patchcore.synthetic import generate_product
+from patchcore.config import PatchCoreConfig, load_config, parse_overrides, set_dotted
+from patchcore.errors import USER_ERRORS
 
-USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError)
+# The model code (torch) is imported by the commands that use it, not here: `--help` and the
+# pipeline's registry commands (apps/cli.py builds on this module) start in well under a second
+# instead of paying ~1.5 s for torch.
 DESCRIPTION = "PatchCore anomaly detection (Roth et al., CVPR 2022)."
 
 
@@ -57,6 +55,8 @@ def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    from patchcore.model import PatchCore  # noqa: PLC0415  lazy: torch (see above)
+
     model = PatchCore(config).fit(args.images, progress=not args.quiet)
     out = model.save(args.out)
     print(
@@ -67,6 +67,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from patchcore.model import PatchCore  # noqa: PLC0415  lazy: torch (see above)
     from patchcore.viz import write_overlays  # noqa: PLC0415  # lazy: matplotlib, only for --maps
 
     model = PatchCore.load(args.model, device=args.device)
@@ -86,6 +87,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """`evaluate --model DIR --data DIR [--out FILE]`: also the handler of the application's
     `evaluate --model` (apps/commands.py), whose arguments carry the same names."""
+    from patchcore.evaluation import evaluate  # noqa: PLC0415  lazy: torch (see above)
+    from patchcore.model import PatchCore  # noqa: PLC0415
+
     model = PatchCore.load(args.model, device=args.device)
     result = evaluate(model, args.data, progress=not args.quiet)
     text = json.dumps(result.summary(), indent=2)
@@ -96,6 +100,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    from patchcore.synthetic import generate_product  # noqa: PLC0415  lazy: torch (see above)
+
     folder = generate_product(args.out, args.product, seed=args.seed, size_px=args.size)
     print(f"synthetic product: {folder}")
     return 0

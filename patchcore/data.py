@@ -16,12 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
+from patchcore.errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD = "good"
-
-
-class DataError(ValueError):
-    """An image source is missing, empty or malformed."""
 
 
 class ImageError(DataError):

@@ -42,6 +42,7 @@ from patchcore.backbone import (
 from patchcore.config import BackboneConfig, PatchCoreConfig, env_weights
 from patchcore.coreset import GreedySelection
 from patchcore.data import Sample, check_readable, image_transform, make_loader, resolve_samples
+from patchcore.errors import ModelFileError
 from patchcore.features import patch_features
 from patchcore.knn import FaissIndex, make_index
 
@@ -52,10 +53,6 @@ MODEL_JSON, BANK_FILE, INDEX_FILE = "model.json", "memory_bank.npy", "index.fais
 # Written by fit (greedy coreset only): the selection and every training patch's final distance to
 # it, the state an incremental refit continues from (see coreset.greedy_selection).
 CORESET_INDICES_FILE, CORESET_DISTANCES_FILE = "coreset_indices.npy", "coreset_sq_distances.npy"
-
-
-class ModelFileError(ValueError):
-    """A saved model directory is missing, incompatible or has been altered."""
 
 
 @dataclass

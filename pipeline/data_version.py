@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from patchcore.backbone import file_digest
+from patchcore.digest import file_digest
 from pipeline.io import git_state
 
 TAG_PREFIX = "data."

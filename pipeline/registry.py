@@ -37,7 +37,7 @@ from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
 from pipeline.data_version import DataVersion
 from pipeline.results import TrainingRecord
-from pipeline.steps.summary import summary_markdown
+from pipeline.summary import summary_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -437,3 +437,76 @@ def _param_value(value: Any) -> str:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- rollback -------------------------------------------------------------------------------------------
+def rollback(registry: Registry, product: str) -> dict[str, Any]:
+    """Move `champion` back to `previous`; the one before that (if any) becomes `previous`."""
+    aliases = registry.aliases(product)
+    if CHAMPION not in aliases:
+        raise NoSuchAlias(f"no champion yet for {product!r}: nothing to roll back")
+    current = aliases[CHAMPION]
+    history = registry.history(product) or [v for v in (aliases.get(PREVIOUS), current) if v]
+    if history and history[-1] == current:
+        history = history[:-1]
+    if not history:
+        raise NoSuchAlias(f"no previous champion for {product!r}: v{current} is the only champion so far")
+    target = history[-1]
+    registry.set_alias(product, CHAMPION, target)
+    registry.set_alias(product, PREVIOUS, history[-2] if len(history) > 1 else None)
+    registry.set_history(product, history)
+    stamp = now_iso()
+    registry.tag_version(product, current, {"rolled_back_at": stamp, "rolled_back_to": target})
+    with mlflow.start_run(
+        experiment_id=registry.experiment_id(product), run_name=f"rollback-v{current}-to-v{target}"
+    ) as run:
+        mlflow.set_tags({"kind": "rollback", "from_version": current, "to_version": target})
+    return {
+        "product": product,
+        "from_version": current,
+        "to_version": target,
+        "run_id": run.info.run_id,
+        "aliases": registry.aliases(product),
+    }
+
+
+# -- what is registered -------------------------------------------------------------------------------
+def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
+    """Per product: the versions behind champion / challenger / previous with their numbers."""
+    products = [product] if product else registry.products()
+    out: dict[str, Any] = {"tracking_uri": registry.uri, "products": {}}
+    for name in products:
+        model = registry.require_product(name)
+        entry: dict[str, Any] = {
+            "registered_model": model.name,
+            "aliases": {},
+            "champion_history": registry.history(name),
+        }
+        for alias, version in sorted(model.aliases.items()):
+            mv = registry.client.get_model_version(model.name, version)
+            tags = dict(mv.tags)
+            entry["aliases"][alias] = {
+                "version": str(version),
+                "run_id": mv.run_id,
+                "created": mv.creation_timestamp,
+                "threshold": _number(tags.get("threshold")),
+                "threshold_rule": tags.get("threshold_rule"),
+                "data_version": tags.get("data_version"),
+                "weights": tags.get("weights"),
+                "heldout_fpr": _number(tags.get("heldout_fpr")),
+                "metrics": {k: _number(tags[k]) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in tags},
+                "promotion": tags.get("promotion"),
+            }
+        latest = registry.client.search_model_versions(
+            f"name = '{model.name}'", max_results=1, order_by=["version_number DESC"]
+        )
+        entry["latest_version"] = str(latest[0].version) if latest else None
+        out["products"][name] = entry
+    return out
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from patchcore.cli import USER_ERRORS
+from patchcore.errors import USER_ERRORS
 from pipeline import steps
 from pipeline.config import Params, load
 from pipeline.io import plain, read_json, write_json

@@ -24,6 +24,7 @@ from pipeline.results import (
     Validation,
 )
 from pipeline.store import Store
+from pipeline.summary import summary_markdown
 from tasks.common import IO_RETRIES, PLAIN, artifact_key
 from tasks.compat import install_fork_fix
 
@@ -189,7 +190,7 @@ def register(store: Store, product: str, settings: Params, record: TrainingRecor
 
 @task(name="publish summary", **PLAIN)
 def publish(product: str, record: TrainingRecord, registered: dict) -> str:
-    summary = steps.summary_markdown(record, registered)
+    summary = summary_markdown(record, registered)
     create_markdown_artifact(
         markdown=summary, key=artifact_key("train", product), description=f"PatchCore training summary for {product}"
     )

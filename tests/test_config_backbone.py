@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import REPO, tiny_config
 
 from patchcore import PatchCore
 from patchcore.backbone import BackboneError, FeatureExtractor, WeightsError, build_backbone
 from patchcore.config import BackboneConfig, ConfigError, PatchCoreConfig, load_config
-from tests.conftest import REPO, tiny_config
 
 
 def test_params_yaml_holds_exactly_the_code_defaults():

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
 from patchcore import PatchCore
@@ -15,7 +16,6 @@ from patchcore.data import DataError, ImageError, load_mask, resolve_samples
 from patchcore.evaluation import evaluate
 from patchcore.knn import make_index
 from patchcore.model import ModelFileError, read_coreset_state
-from tests.conftest import tiny_config
 
 
 def test_defects_rank_above_good_images(fitted, product):

@@ -12,6 +12,8 @@ from conftest import REPO, tiny_overrides
 from pipeline import promotion, steps
 from pipeline.config import PromotionConfig, load_settings
 from pipeline.registry import NoSuchAlias, Registry, UnknownProduct
+from pipeline.registry import rollback as registry_rollback
+from pipeline.registry import status as registry_status
 from pipeline.results import Validation
 from pipeline.store import Store
 
@@ -137,20 +139,20 @@ def test_every_decision_is_an_mlflow_run(history, env):
 def test_rollback_walks_back_through_previous_champions(history, env):
     registry = env["registry"]
     first, better, equal = (history[k]["version"] for k in ("first", "better", "equal"))
-    assert promotion.rollback(registry, "tiles")["aliases"] | {} == {
+    assert registry_rollback(registry, "tiles")["aliases"] | {} == {
         "champion": better,
         "previous": first,
         "challenger": history["worse"]["version"],
     }
     assert registry.client.get_model_version("patchcore-tiles", equal).tags["rolled_back_to"] == better
-    assert promotion.rollback(registry, "tiles")["to_version"] == first
+    assert registry_rollback(registry, "tiles")["to_version"] == first
     assert "previous" not in registry.aliases("tiles")
     with pytest.raises(NoSuchAlias, match="only champion so far"):
-        promotion.rollback(registry, "tiles")
+        registry_rollback(registry, "tiles")
 
 
 def test_status_reports_aliases_numbers_and_the_tracking_uri(history, env):
-    report = promotion.status(env["registry"])
+    report = registry_status(env["registry"])
     assert report["tracking_uri"].startswith("sqlite:///") and report["tracking_uri"].endswith("mlflow.db")
     tiles = report["products"]["tiles"]
     assert set(tiles["aliases"]) >= {"champion", "challenger"}
@@ -158,7 +160,7 @@ def test_status_reports_aliases_numbers_and_the_tracking_uri(history, env):
     assert challenger["version"] == history["worse"]["version"] and challenger["threshold"] is not None
     assert challenger["data_version"].endswith(".dir") and challenger["weights"] == "RANDOM (not for production)"
     with pytest.raises(UnknownProduct, match="unknown product 'bolts'"):
-        promotion.status(env["registry"], "bolts")
+        registry_status(env["registry"], "bolts")
 
 
 # -- the gate as a pure function ----------------------------------------------------------------------

@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import MTD, SHARED_WEIGHTS
 
 from patchcore import PatchCore, PatchCoreConfig, metrics
-from tests.conftest import MTD, SHARED_WEIGHTS
 
 pytestmark = [
     pytest.mark.mtd,

@@ -1,7 +1,7 @@
 """The training steps as plain functions, one module per stage:
 
     fingerprint -> validate -> split -> extract -> bank (coreset) -> evaluate -> calibrate -> report
-    (+ record: provenance, the training record and its summaries)
+    (+ record: provenance and the training record; its markdown summary is pipeline/summary.py)
 
 The Prefect tasks (tasks/) and the DVC stages (pipeline/stages.py) call exactly these. Each step
 takes a `Store` (pipeline/store.py: where content-addressed outputs live) and typed results of
@@ -20,7 +20,6 @@ from pipeline.steps.fingerprint import fingerprint_dataset, image_path, load_man
 from pipeline.steps.record import provenance, training_record
 from pipeline.steps.report import make_report
 from pipeline.steps.split import CALIBRATION, HOLDOUT, REPORT, TEST, split_dataset
-from pipeline.steps.summary import summary_markdown
 from pipeline.steps.validate import ValidationFailed, accept_validated_set, validate_dataset
 
 __all__ = [
@@ -45,7 +44,6 @@ __all__ = [
     "provenance",
     "score_records",
     "split_dataset",
-    "summary_markdown",
     "training_record",
     "validate_dataset",
     "warm_start_source",
