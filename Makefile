@@ -16,6 +16,9 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
+# The loopback ports of `make serve` (and the addresses `make demo` prints).
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
 
 .PHONY: install demo test test-all bench clean
 
@@ -27,19 +30,26 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# The whole pipeline on the embedded default (offline): synthetic product -> Prefect flow `train`
-# (validate, extract, coreset, evaluate, calibrate, register in MLflow) -> `promote` -> `inspect` ->
-# `status`. Random backbone weights, flagged as such, unless PATCHCORE_WEIGHTS names a weights file;
-# a random-weights model is promoted only because the demo passes --allow-random-weights.
-# DEMO_SETTINGS adds `--set key=value` overrides (e.g. --set model.backbone.name=resnet18 for speed).
+# The whole pipeline on the embedded default (offline): the demo profile (params.yaml `profile: demo`:
+# random backbone weights, flagged everywhere, which may be promoted) -> synthetic product (kept if
+# data/$(PRODUCT) exists) -> Prefect flow `train` (validate, extract, coreset, evaluate, calibrate,
+# register in MLflow; an unchanged product registers no new version) -> `promote` -> `inspect` ->
+# `status`. Run it again any time: it only does what changed. The profile stays on, so `make serve`
+# and `dvc repro` work offline afterwards; `patchcore profile production` switches back.
+# With real weights: make demo PATCHCORE_WEIGHTS=/path/state_dict.pth [PATCHCORE_BACKBONE=mobilenet_v2]
+# (passed as --set flags, recorded on the run). DEMO_SETTINGS adds more `--set key=value` overrides.
 DEMO_SIZE ?= 256
 DEMO_SETTINGS ?=
+DEMO_WEIGHTS := $(if $(PATCHCORE_WEIGHTS),--set model.backbone.weights=$(PATCHCORE_WEIGHTS)) \
+    $(if $(PATCHCORE_BACKBONE),--set model.backbone.name=$(PATCHCORE_BACKBONE) --set model.backbone.layers=null)
 demo: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
 demo: install
 	@mkdir -p $(PATCHCORE_HOME)
-	$(PY) -m patchcore.synthetic --out data --product $(PRODUCT) --size $(DEMO_SIZE)
-	$(PATCHCORE) train --product $(PRODUCT) --data data/$(PRODUCT) $(if $(PATCHCORE_WEIGHTS),,--weights random) $(DEMO_SETTINGS)
-	$(PATCHCORE) promote --product $(PRODUCT) $(if $(PATCHCORE_WEIGHTS),,--allow-random-weights) $(DEMO_SETTINGS)
+	$(PATCHCORE) profile demo
+	@if [ -d data/$(PRODUCT)/train/good ]; then echo "data/$(PRODUCT): kept as it is (delete it to regenerate)"; \
+	    else $(PY) -m patchcore.synthetic --out data --product $(PRODUCT) --size $(DEMO_SIZE); fi
+	$(PATCHCORE) train --product $(PRODUCT) --data data/$(PRODUCT) $(DEMO_WEIGHTS) $(DEMO_SETTINGS)
+	$(PATCHCORE) promote --product $(PRODUCT) $(DEMO_SETTINGS)
 	@printf '%s\n' $(CURDIR)/data/$(PRODUCT)/test/good/000.png $(CURDIR)/data/$(PRODUCT)/test/good/001.png \
 	    $(CURDIR)/data/$(PRODUCT)/test/scratch/000.png $(CURDIR)/data/$(PRODUCT)/test/spot/000.png \
 	    $(CURDIR)/data/$(PRODUCT)/test/missing/000.png > $(PATCHCORE_HOME)/demo-images.txt
@@ -47,12 +57,13 @@ demo: install
 	$(PATCHCORE) status --product $(PRODUCT)
 	@echo
 	@echo "Done. Where to look:"
-	@echo "  MLflow runs, models, aliases:  $(VENV)/bin/mlflow ui --backend-store-uri $$($(PATCHCORE) status --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tracking_uri"])')"
-	@echo "                                 then open http://127.0.0.1:5000"
-	@echo "  Prefect flow runs, artifacts:  PREFECT_HOME=$(PREFECT_HOME) $(VENV)/bin/prefect server start"
-	@echo "                                 then open http://127.0.0.1:4200"
+	@echo "  MLflow runs, models, aliases:  $(VENV)/bin/mlflow ui --port $(MLFLOW_PORT) --backend-store-uri $$($(PATCHCORE) status --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["tracking_uri"])')"
+	@echo "                                 then open http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning"
+	@echo "  Prefect flow runs, artifacts:  PREFECT_HOME=$(PREFECT_HOME) PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)"
+	@echo "                                 then open http://127.0.0.1:$(PREFECT_PORT)"
 	@echo "  inspected images:              $(PATCHCORE_HOME)/inspect/$(PRODUCT)/scores.csv and heatmaps/"
 	@echo "  the serving model:             mlflow.pyfunc.load_model(\"models:/patchcore-$(PRODUCT)@champion\")"
+	@echo "  day-to-day operation:          make serve (README \"Operating it\"); the project is on profile demo"
 
 # Lint and format check (ruff, line length 120), then the suite (slow, real-data and real-weights
 # tests included when their inputs exist).
@@ -71,14 +82,15 @@ clean:
 # deployments (deploy/serve.py), all on 127.0.0.1, in the background; `make stop` stops them.
 # Logs and pid files: $(PATCHCORE_HOME)/run/. The tracking store is the pipeline's default SQLite
 # file, so `patchcore` commands and the servers see the same runs and models.
-PREFECT_PORT ?= 4200
-MLFLOW_PORT ?= 5000
 SERVE_ARGS ?=
 RUN_DIR := $(PATCHCORE_HOME)/run
 MLFLOW_DB := $(PATCHCORE_HOME)/mlflow/mlflow.db
 .PHONY: serve stop
 serve: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
 serve: export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+serve: export PREFECT_UI_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+# Concurrency leases on disk, not in the server's memory: they survive a restart of the server.
+serve: export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE := prefect.server.concurrency.lease_storage.filesystem
 serve: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
 serve: export PATH := $(abspath $(VENV))/bin:$(PATH)
 serve: install
@@ -92,9 +104,17 @@ serve: install
 	@for i in $$(seq 60); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
 	    curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start: $(RUN_DIR)/prefect.log"; exit 1; }
 	setsid $(PY) -m deploy.serve $(SERVE_ARGS) > $(RUN_DIR)/deployments.log 2>&1 & echo $$! > $(RUN_DIR)/deployments.pid
-	@echo "Prefect UI   http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=$(PREFECT_API_URL))"
-	@echo "MLflow UI    http://127.0.0.1:$(MLFLOW_PORT)    (tracking store sqlite:///$(MLFLOW_DB))"
+	@echo "Prefect UI   http://127.0.0.1:$(PREFECT_PORT)"
+	@echo "MLflow UI    http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning  (store sqlite:///$(MLFLOW_DB))"
 	@echo "logs         $(RUN_DIR)/{prefect,mlflow,deployments}.log; stop with: make stop"
+	@echo 'other shell  source .venv/bin/activate; eval "$$(make -s env PREFECT_PORT=$(PREFECT_PORT))"'
+
+# The environment of `make serve`'s servers, for another shell: eval "$(make -s env)".
+.PHONY: env
+env:
+	@echo "export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api"
+	@echo "export MLFLOW_TRACKING_URI=sqlite:///$(MLFLOW_DB)"
+	@echo "export PATCHCORE_HOME=$(PATCHCORE_HOME)"
 
 # Stops what `make serve` started: each recorded process group, by its pid file.
 stop:

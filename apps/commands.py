@@ -24,12 +24,14 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from patchcore.atomic import atomic_file
 from patchcore.cli import cmd_evaluate as library_evaluate
-from patchcore.config import ConfigError, env_weights, parse_overrides
+from patchcore.config import PRODUCTION, ConfigError, default_params_path, env_weights, load_params, parse_overrides
 from pipeline.config import Params, load_settings
 from pipeline.registry import Registry, RegistryError, rollback, status
 from pipeline.store import Store
@@ -118,6 +120,17 @@ def register(sub) -> None:
     st.add_argument("--json", action="store_true", help="machine-readable, including the tracking URI")
     st.set_defaults(func=cmd_status)
 
+    pf = sub.add_parser(
+        "profile",
+        help="show or switch params.yaml's active profile (production | demo)",
+        description="Without NAME: print the active profile and what it changes. With NAME: set `profile: NAME` "
+        "in params.yaml (one line; the file's comments are kept), so the CLI, the deployments, new-data "
+        "retrains and `dvc repro` all use that profile.",
+    )
+    pf.add_argument("name", nargs="?", help="profile to activate: production or one defined under profiles:")
+    pf.add_argument("--params", help="params.yaml (default ./params.yaml or PATCHCORE_PARAMS)")
+    pf.set_defaults(func=cmd_profile)
+
 
 # -- argument helpers ------------------------------------------------------------------------------
 def _product(p: argparse.ArgumentParser) -> None:
@@ -142,13 +155,19 @@ def _settings(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--weights, then --set, then PATCHCORE_WEIGHTS where neither named the weights."""
+    """--weights, then --set. The pipeline's settings come from params.yaml (its active profile) and
+    these flags only, so what a run used is what DVC and the run record see: PATCHCORE_WEIGHTS is
+    for loading saved models and the library's `patchcore fit`, and only noted here."""
     out: dict[str, Any] = {}
     if getattr(args, "weights", None):
         out["model.backbone.weights"] = args.weights
     out.update(parse_overrides(args.set))
     if env_weights() and "model.backbone.weights" not in out:
-        out["model.backbone.weights"] = env_weights()
+        print(
+            f"note: PATCHCORE_WEIGHTS={env_weights()} is not used for the pipeline's settings; set "
+            "model.backbone.weights in params.yaml (or pass --weights) so every entry point and DVC see it",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -325,6 +344,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 @_user_errors
+def cmd_profile(args: argparse.Namespace) -> int:
+    path = Path(args.params or default_params_path() or "params.yaml")
+    raw = load_params(path)
+    if args.name:
+        set_profile(path, args.name)
+        raw = load_params(path)
+        print(f"{path}: profile {args.name}")
+    active = raw.get("profile") or PRODUCTION
+    changes = (raw.get("profiles") or {}).get(active) or {}
+    if not args.name:
+        print(f"{path}: profile {active}")
+    for key, value in changes.items():
+        print(f"  {key}: {value}")
+    if active != PRODUCTION:
+        print(f"  (back to production settings: patchcore profile {PRODUCTION})")
+    return 0
+
+
+def set_profile(path: Path, name: str) -> None:
+    """Rewrite the `profile:` line of params.yaml (comments and layout kept); the new file must load."""
+    raw = load_params(path)
+    if name != PRODUCTION and name not in (raw.get("profiles") or {}):
+        known = ", ".join([PRODUCTION, *sorted(raw.get("profiles") or {})])
+        raise ConfigError(f"{path}: no profile {name!r} under profiles: (known: {known})")
+    text = path.read_text()
+    line = re.compile(r"^profile:[^\n#]*", re.MULTILINE)
+    text = line.sub(f"profile: {name}", text, count=1) if line.search(text) else f"profile: {name}\n" + text
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
+    load_settings(path)  # the file still loads (a broken profile is named now, not at the next run)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     report = status(_registry(args), args.product)
     if args.json:

@@ -1,4 +1,5 @@
-"""Serve the pipeline's Prefect deployments from one process, against a Prefect server:
+"""Serve the pipeline's Prefect deployments from one process, against a Prefect server, with the
+new-data watcher (deploy/watcher.py) running beside them:
 
     train-product-model/train        manual runs (parameters in the UI)
     promote-product-model/promote    manual runs
@@ -6,9 +7,13 @@
     retrain-product-model/retrain-<product>
                                      cron (operations.schedule) -> "no new data" unless images changed,
                                      and the new-data trigger (event patchcore.data.settled)
-    watch-product-data/watch         every operations.watch_interval_seconds
+    the watcher                      emits patchcore.data.settled when a product folder settled
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deploy.serve     (`make serve` does all of it)
+
+At start it clears what a killed predecessor left behind (tasks/concurrency.clear_stale: runs of
+these deployments still Pending/Running are marked Crashed, training slots freed), so a restart
+after `kill -9` or a reboot never wedges the retrain loop.
 
 Refuses to start without PREFECT_API_URL: schedules and triggers need a real server, and Prefect
 would otherwise start a temporary one that forgets everything on exit.
@@ -20,28 +25,34 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import timedelta
 from typing import Any
 
 from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 
+from deploy.watcher import from_settings
 from flows.inspect import inspect
 from flows.promote import promote
 from flows.retrain import retrain
 from flows.train import train
-from flows.watch import watch
 from pipeline.config import Params, load_settings
 from pipeline.operations import EVENT_DATA_SETTLED
+from pipeline.watching import heartbeat_path
+from tasks.concurrency import clear_stale
 
 
-def new_data_trigger(product: str):
+def new_data_trigger(product: str, settle_seconds: float):
     """The retrain-<product> deployment runs when the watcher says the product's folder settled."""
     return DeploymentEventTrigger(
         name=f"new data for {product}",
+        description=(
+            f"Starts retrain-{product} when the new-data watcher reports that data/{product} changed and then "
+            f"stayed unchanged for {settle_seconds:g} s (event {EVENT_DATA_SETTLED}, resource "
+            f"patchcore.product.{product}). The retrain itself checks whether the images differ from the "
+            "champion's data version."
+        ),
         expect={EVENT_DATA_SETTLED},
         match={"prefect.resource.id": f"patchcore.product.{product}"},
         parameters={"product": product, "data": "{{ event.payload.data }}", "reason": "new-data"},
@@ -54,16 +65,25 @@ def build_deployments(
     ops = settings.operations
     common = {"params_path": params_path} if params_path else {}
     deployments = [
-        train.to_deployment(name="train", parameters=common, tags=["patchcore"]),
-        promote.to_deployment(name="promote", parameters=common, tags=["patchcore"]),
-        inspect.to_deployment(name="inspect", parameters=common, tags=["patchcore"]),
-        # One look at a time: a look still running when the next is due makes the next one cancel itself.
-        watch.to_deployment(
-            name="watch",
-            interval=timedelta(seconds=ops.watch_interval_seconds),
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="CANCEL_NEW"),
-            parameters={"products": list(settings.data.products), "data_root": data_root, **common},
+        train.to_deployment(
+            name="train",
+            parameters=common,
             tags=["patchcore"],
+            description="Train, evaluate, calibrate and register a product's model (alias challenger). Run by hand.",
+        ),
+        promote.to_deployment(
+            name="promote",
+            parameters=common,
+            tags=["patchcore"],
+            description="Re-score challenger and champion on a pinned evaluation set; move champion if the gate "
+            "passes. Run by hand (retrains run it themselves).",
+        ),
+        inspect.to_deployment(
+            name="inspect",
+            parameters=common,
+            tags=["patchcore"],
+            description="Score a folder of images with a registered model (default: the champion): CSV, JSON, "
+            "heatmaps and a table artifact.",
         ),
     ]
     for product in settings.data.products:
@@ -77,7 +97,7 @@ def build_deployments(
                         parameters={"product": product, "data": f"{data_root}/{product}", "reason": "schedule"},
                     )
                 ],
-                triggers=[new_data_trigger(product)],
+                triggers=[new_data_trigger(product, ops.settle_seconds)],
                 parameters={
                     "product": product,
                     "data": f"{data_root}/{product}",
@@ -112,9 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     url = check_api_url()
-    deployments = build_deployments(load_settings(args.params), args.params, args.data_root, args.allow_random_weights)
-    print(f"serving {len(deployments)} deployments against {url}")
-    serve(*deployments, limit=4)
+    settings = load_settings(args.params)
+    deployments = build_deployments(settings, args.params, args.data_root, args.allow_random_weights)
+    ids = [deployment.apply() for deployment in deployments]
+    cleared = clear_stale(ids, list(settings.data.products))
+    if cleared["runs"] or cleared["slots"]:
+        print(
+            f"cleared after the previous server stopped: {cleared['runs']} run(s) marked Crashed, "
+            f"{cleared['slots']} training slot(s) released"
+        )
+    watcher = from_settings(settings, args.data_root)
+    watcher.start()
+    print(
+        f"serving {len(deployments)} deployments against {url}; new-data watcher on {args.data_root} "
+        f"({watcher.mode}); heartbeat {heartbeat_path()}",
+        flush=True,
+    )
+    try:
+        # Poll for runs every 2 s (Prefect's default is 10 s): the new-data latency users see.
+        serve(*deployments, limit=4, query_seconds=2)
+    finally:
+        watcher.stop()
     return 0
 
 

@@ -26,7 +26,8 @@ def promote(
     allow_random_weights: bool = False,
 ) -> dict[str, Any]:
     """data: the product folder whose test/ split is the evaluation set (default: the folder the
-    challenger was trained from). allow_random_weights: let a random-weights model become champion."""
+    challenger was trained from). allow_random_weights: let a random-weights model become champion
+    (as `promotion.allow_random_weights: true`, which the demo profile sets)."""
     settings = load_settings(params_path, overrides)
     store = Store.from_settings(settings)
     found = t.candidates(product, settings)
@@ -42,7 +43,8 @@ def promote(
     eval_set = t.pin_evaluation_set(store, data or challenger["data_root"] or f"data/{product}")
     challenger_scores = t.score(store, product, challenger["version"], eval_set, settings)
     champion_scores = t.score(store, product, champion["version"], eval_set, settings) if champion else None
-    decision = t.decide(found, challenger_scores, champion_scores, settings, allow_random_weights)
+    allow_random = allow_random_weights or settings.promotion.allow_random_weights
+    decision = t.decide(found, challenger_scores, champion_scores, settings, allow_random)
     scores = {"challenger": challenger_scores, "champion": champion_scores}
     applied = t.apply(product, decision, eval_set, scores, settings)
     t.publish(product, applied, eval_set)

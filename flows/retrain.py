@@ -3,7 +3,8 @@
     check new data --no--> "no new data" (finishes in seconds)
           | yes
     [training slot train-<product>: one training per product, others queue]
-    version data (dvc add, commit data.dvc) -> train-product-model -> promote-product-model
+    version data (dvc add) -> train-product-model -> commit data.dvc -> promote-product-model
+                                    | fails: data.dvc put back, nothing committed
 
 The check runs inside the product's training slot, so a trigger queued behind a running retrain
 of the same images finds them already trained and stops.
@@ -20,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.promote import promote
 from flows.train import train
-from pipeline.config import load_settings, params_to_dict
+from pipeline.config import load_settings
 from tasks import operations as t
 from tasks.concurrency import training_slot
 
@@ -39,7 +40,7 @@ def retrain(
     settings = load_settings(params_path, overrides)
     ops, data = settings.operations, data or f"data/{product}"
     with training_slot(product, ops.max_concurrent_trainings):
-        check = t.check_new_data(product, data, params_to_dict(settings)["mlflow"])
+        check = t.check_new_data(product, data, settings.mlflow)
         if not check["changed"] and not force:
             create_markdown_artifact(
                 f"**{check['message']}** ({reason}); nothing trained.",
@@ -53,8 +54,13 @@ def retrain(
                 "message": check["message"],
                 "md5": check["md5"],
             }
-        versioned = t.version_data(data, product, ops.git_commit_data)
-        trained = train(product, data, params_path, overrides)
+        versioned = t.version_data(data, product)
+        try:
+            trained = train(product, data, params_path, overrides)
+        except BaseException:
+            t.revert_data_version(versioned)  # a failed run leaves no changed .dvc file and no commit
+            raise
+        commit = t.commit_data_version(versioned, product) if ops.git_commit_data else None
         decision = (
             promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
             if ops.promote_after_training
@@ -65,8 +71,7 @@ def retrain(
         f"# Retrain {product} ({reason})",
         "",
         f"- {check['message']}",
-        f"- data version `{versioned['md5']}`"
-        + (f", committed {versioned['git_commit'][:12]}" if versioned.get("git_commit") else ""),
+        f"- data version `{versioned['md5']}`" + (f", committed {commit[:12]}" if commit else ""),
         f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
         f"{features['n_cached']} reused of {features['n_images']}",
         "- coreset: "
@@ -84,7 +89,7 @@ def retrain(
         "reason": reason,
         "message": check["message"],
         "md5": versioned["md5"],
-        "data_version": versioned,
+        "data_version": versioned | {"git_commit": commit},
         "registry": trained["registry"],
         "features": features,
         "coreset_continued": trained.get("coreset_continued"),

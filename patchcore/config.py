@@ -305,10 +305,41 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
     return out
 
 
+PRODUCTION = "production"
+
+
+def apply_profile(data: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's settings with its active profile applied: `profile:` names an entry of
+    `profiles:` (a mapping of dotted keys to values, e.g. `model.backbone.weights: random`) whose
+    values replace the ones above it; `production` (the default) changes nothing. The result keeps
+    `profile` (so the profile a run used is recorded with its settings) and drops `profiles`.
+    Every entry point (the CLI, the Prefect flows and deployments, `dvc repro`) reads params.yaml
+    through here, so they all see the same settings, and DVC tracks them in the one file."""
+    out = {k: v for k, v in data.items() if k != "profiles"}
+    profiles = data.get("profiles") or {}
+    name = data.get("profile") or PRODUCTION
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) or v is None for v in profiles.values()):
+        raise ConfigError("profiles must map profile names to mappings of dotted settings (model.x.y: value)")
+    if name != PRODUCTION:
+        if name not in profiles:
+            known = ", ".join([PRODUCTION, *sorted(profiles)])
+            raise ConfigError(f"profile {name!r} is not defined under profiles: (known: {known})")
+        for dotted, value in (profiles[name] or {}).items():
+            *path, last = str(dotted).split(".")
+            node = out
+            for part in path:
+                node[part] = dict(node.get(part) or {})
+                node = node[part]
+            node[last] = value
+    out["profile"] = name
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, use_env: bool = True) -> PatchCoreConfig:
-    """The model config from params.yaml's `model` section (defaults when there is no file),
-    with PATCHCORE_WEIGHTS / PATCHCORE_BACKBONE applied unless use_env is False."""
-    params = load_params(path)
+    """The model config from params.yaml's `model` section with its active profile applied
+    (defaults when there is no file), then PATCHCORE_WEIGHTS / PATCHCORE_BACKBONE unless use_env
+    is False."""
+    params = apply_profile(load_params(path))
     try:
         data = PatchCoreConfig.from_dict(params.get("model") or {}).to_dict()
         return PatchCoreConfig.from_dict(env_overrides(data) if use_env else data)

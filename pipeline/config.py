@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchcore.config import ConfigError, PatchCoreConfig, build_settings, flatten, load_params
+from patchcore.config import ConfigError, PatchCoreConfig, apply_profile, build_settings, flatten, load_params
 
 
 @dataclass
@@ -119,6 +119,9 @@ class PromotionConfig:
     min_metric: float = 0.8
     # The challenger's FPR at its own threshold on its held-out nominal split must not exceed this.
     max_heldout_fpr: float = 0.1
+    # Let a model built on RANDOM backbone weights become champion (the demo profile only; the
+    # command line's --allow-random-weights does the same for one promotion).
+    allow_random_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.metric not in PROMOTION_METRICS:
@@ -141,17 +144,21 @@ class MlflowConfig:
 @dataclass
 class OperationsConfig:
     """Day-to-day operation (params.yaml `operations:`): when products retrain by themselves and how
-    the new-data watcher settles (deploy/serve.py, flows/watch.py, flows/retrain.py)."""
+    the new-data watcher settles (deploy/serve.py, deploy/watcher.py, flows/retrain.py)."""
 
     # Cron schedule of the scheduled retrain, per product; `default` applies to products not listed.
     # A scheduled run retrains only when the product's images differ from the champion's data version.
     schedule: dict[str, str] | None = field(default_factory=lambda: {"default": "0 2 * * *"})
     schedule_timezone: str = "UTC"
-    # The watcher looks at each product folder this often ...
+    # How the watcher (deploy/watcher.py) learns of new files: auto (inotify through watchdog, else
+    # polling), inotify, or poll (network file systems, where inotify sees nothing).
+    watch_mode: str = "auto"
+    # The watcher rescans each product folder this often (inotify wakes it at once in between) ...
     watch_interval_seconds: float = 10.0
     # ... and fires once the folder has not changed (file count, bytes, newest mtime) for this long,
-    # so copying 500 files starts one retrain after the copy ends. Worst-case delay from the last file
-    # landing to the retrain starting: settle + interval (+ a few seconds for Prefect): <= 60 s by default.
+    # so copying 500 files starts one retrain after the copy ends. Delay from the last file landing to
+    # the retrain running: settle + ~1 s (inotify; + the interval when polling) + a few seconds for
+    # Prefect's trigger and the runner (README "Operating it" has the measured figure).
     settle_seconds: float = 20.0
     # Trainings of one product that may run at once (a Prefect global concurrency limit
     # `train-<product>`); further triggers queue.
@@ -167,6 +174,8 @@ class OperationsConfig:
             )
         if self.watch_interval_seconds <= 0 or self.settle_seconds < 0:
             raise ConfigError("operations.watch_interval_seconds must be > 0 and settle_seconds >= 0")
+        if self.watch_mode not in ("auto", "inotify", "poll"):
+            raise ConfigError(f"operations.watch_mode must be auto, inotify or poll, got {self.watch_mode!r}")
         if self.max_concurrent_trainings < 1:
             raise ConfigError(f"operations.max_concurrent_trainings must be >= 1, got {self.max_concurrent_trainings}")
 
@@ -178,6 +187,8 @@ class OperationsConfig:
 class Params:
     """The whole params.yaml. Sections other than `model` are added by the pipeline modules."""
 
+    # The active entry of params.yaml's `profiles:` (patchcore.config.apply_profile): production | demo
+    profile: str = "production"
     model: PatchCoreConfig = field(default_factory=PatchCoreConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -194,7 +205,7 @@ class Params:
 def load(path: str | Path | None = None) -> Params:
     """params.yaml (`path`, PATCHCORE_PARAMS or ./params.yaml) as typed settings."""
     try:
-        return Params.from_dict(load_params(path))
+        return Params.from_dict(apply_profile(load_params(path)))
     except ConfigError as exc:
         raise ConfigError(f"{path or 'params.yaml'}: {exc}") from None
 

@@ -1,4 +1,6 @@
-"""Steps of the day-to-day retrain: is there new data for a product, and version it with DVC.
+"""Steps of the day-to-day retrain: is there new data for a product, and version it with DVC
+(`dvc add` before training; the .dvc file is committed only after the training succeeded, and put
+back when it failed).
 Plain functions (the Prefect tasks in tasks/operations.py wrap them); no Prefect here. The
 product's training slot (a Prefect concurrency limit named by training_limit_name) is
 tasks/concurrency.py.
@@ -13,13 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from patchcore.atomic import atomic_file
 from pipeline.config import MlflowConfig
 from pipeline.data_version import data_version, dir_md5, repo_root, tracking_dvc_file
 from pipeline.io import git
 from pipeline.registry import Registry, RegistryError
 
 logger = logging.getLogger(__name__)
-EVENT_DATA_SETTLED = "patchcore.data.settled"
+EVENT_DATA_SETTLED = "patchcore.data.settled"  # a product folder changed and settled: retrain trigger
+EVENT_WATCHER_HEARTBEAT = "patchcore.watcher.heartbeat"  # the watcher is alive (deploy/watcher.py)
 
 
 def new_data(product: str, product_dir: str | Path, mlflow_cfg: MlflowConfig) -> dict[str, Any]:
@@ -59,45 +63,82 @@ def new_data(product: str, product_dir: str | Path, mlflow_cfg: MlflowConfig) ->
     }
 
 
-def version_data(product_dir: str | Path, product: str, git_commit: bool = True) -> dict[str, Any]:
+def version_data(product_dir: str | Path, product: str) -> dict[str, Any]:
     """Record the new image set with DVC: `dvc add` on the folder its .dvc file tracks (data/ for
-    data.dvc), and commit that .dvc file (and dvc.lock when it exists) when the data lives in a git
-    repository. Outside a DVC repository only the md5 is recorded (returned, and tagged on the model
-    by the training flow)."""
+    data.dvc), which updates that .dvc file in the working tree (nothing is committed here: see
+    commit_data_version and revert_data_version). The .dvc file's previous content is kept in the
+    result so a failed run can put it back. Outside a DVC repository only the md5 is recorded
+    (returned, and tagged on the model by the training flow)."""
     folder = Path(product_dir).resolve()
     root = repo_root(folder)
     dvc = shutil.which("dvc") or _venv_dvc()
-    out: dict[str, Any] = {"md5": dir_md5(folder), "dvc_add": None, "git_commit": None}
+    out: dict[str, Any] = {
+        "md5": dir_md5(folder),
+        "dvc_add": None,
+        "git_commit": None,
+        "root": None,
+        "dvc_file": None,
+        "previous": None,
+    }
     if root is None or not (root / ".dvc").is_dir() or dvc is None:
         out["note"] = "not in a DVC repository: md5 recorded only"
         out["version"] = data_version(folder, product).to_dict()
         return out
     dvc_file = tracking_dvc_file(folder, root)
     target = (dvc_file.parent / dvc_file.stem) if dvc_file is not None else folder
+    previous = dvc_file.read_text() if dvc_file is not None else None
     run = subprocess.run(
         [dvc, "add", str(target.relative_to(root))], cwd=root, capture_output=True, text=True, timeout=600
     )
     if run.returncode != 0:
         raise RuntimeError(f"dvc add {target}: {run.stderr.strip() or run.stdout.strip()}")
-    out["dvc_add"] = str(target.relative_to(root))
     dvc_file = tracking_dvc_file(folder, root)
-    if git_commit and dvc_file is not None:
-        paths = [str(dvc_file.relative_to(root))] + (["dvc.lock"] if (root / "dvc.lock").exists() else [])
-        subprocess.run(["git", "add", "--", *paths], cwd=root, check=True, capture_output=True, timeout=60)
-        staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root, timeout=60)
-        if staged.returncode == 1:
-            commit = subprocess.run(
-                ["git", "commit", "-m", f"data: {product} {out['md5']} (retrain)", "--", *paths],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if commit.returncode != 0:
-                raise RuntimeError(f"git commit {' '.join(paths)}: {commit.stderr.strip() or commit.stdout.strip()}")
-            out["git_commit"] = git(root, "rev-parse", "HEAD", timeout=60)
+    out |= {
+        "dvc_add": str(target.relative_to(root)),
+        "root": str(root),
+        "dvc_file": str(dvc_file) if dvc_file else None,
+        "previous": previous,
+    }
     out["version"] = data_version(folder, product).to_dict()
     return out
+
+
+def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
+    """After a successful training: commit the .dvc file (and dvc.lock when it exists) that
+    version_data updated, with only those paths (whatever else is staged stays staged). Returns the
+    commit, or None when there was nothing to commit or no git repository."""
+    if not versioned.get("dvc_file"):
+        return None
+    root = Path(versioned["root"])
+    paths = [str(Path(versioned["dvc_file"]).relative_to(root))]
+    paths += ["dvc.lock"] if (root / "dvc.lock").exists() else []
+    if git(root, "rev-parse", "--is-inside-work-tree") != "true":
+        return None
+    subprocess.run(["git", "add", "--", *paths], cwd=root, check=True, capture_output=True, timeout=60)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root, timeout=60)
+    if staged.returncode != 1:
+        return None
+    commit = subprocess.run(
+        ["git", "commit", "-m", f"data: {product} {versioned['md5']} (retrain)", "--", *paths],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if commit.returncode != 0:
+        raise RuntimeError(f"git commit {' '.join(paths)}: {commit.stderr.strip() or commit.stdout.strip()}")
+    return git(root, "rev-parse", "HEAD", timeout=60)
+
+
+def revert_data_version(versioned: dict[str, Any]) -> bool:
+    """After a failed training: put the .dvc file back as it was before version_data, so a failed
+    run leaves neither a commit nor a changed .dvc file behind. Returns whether it changed a file."""
+    path, previous = versioned.get("dvc_file"), versioned.get("previous")
+    if not path or previous is None or Path(path).read_text() == previous:
+        return False
+    with atomic_file(path, "w") as handle:
+        handle.write(previous)
+    return True
 
 
 def _venv_dvc() -> str | None:
@@ -110,4 +151,12 @@ def training_limit_name(product: str) -> str:
     return f"train-{product}"
 
 
-__all__ = ["EVENT_DATA_SETTLED", "new_data", "training_limit_name", "version_data"]
+__all__ = [
+    "EVENT_DATA_SETTLED",
+    "EVENT_WATCHER_HEARTBEAT",
+    "commit_data_version",
+    "new_data",
+    "revert_data_version",
+    "training_limit_name",
+    "version_data",
+]

@@ -1,5 +1,6 @@
-"""When does new data in a product folder start a retrain? The watcher's (flows/watch.py) debounce:
-plain functions, no Prefect, no I/O beyond stat-ing a folder, so it is testable on its own.
+"""When does new data in a product folder start a retrain? The watcher's (deploy/watcher.py)
+debounce: plain functions, no Prefect, no I/O beyond stat-ing a folder and the watcher's own state
+and heartbeat files, so it is testable on its own.
 
 A *snapshot* is cheap (file count, total bytes, newest mtime; no hashing). The watcher keeps, per
 product, the last snapshot, when it first looked like that, and the snapshot it last fired for.
@@ -15,10 +16,14 @@ Must never import Prefect, MLflow or the training code.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from patchcore.paths import home
 
 
 @dataclass(frozen=True)
@@ -84,4 +89,25 @@ def observe(
     ), fire
 
 
-__all__ = ["Snapshot", "WatchState", "observe"]
+def state_path(product: str) -> Path:
+    """Where the watcher keeps one product's WatchState between looks (and across restarts)."""
+    return home() / "watch" / f"{product}.json"
+
+
+def heartbeat_path() -> Path:
+    """The watcher's heartbeat file: written after every look (deploy/watcher.py)."""
+    return home() / "watch" / "heartbeat.json"
+
+
+def heartbeat(now: float | None = None) -> dict[str, Any] | None:
+    """The last heartbeat with its age in seconds (`age_seconds`), or None when no watcher ever ran here."""
+    path = heartbeat_path()
+    try:
+        beat = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    beat["age_seconds"] = round((time.time() if now is None else now) - float(beat.get("at", 0)), 1)
+    return beat
+
+
+__all__ = ["Snapshot", "WatchState", "heartbeat", "heartbeat_path", "observe", "state_path"]

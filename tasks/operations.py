@@ -1,4 +1,4 @@
-"""Prefect tasks of the retrain and the watcher: thin wrappers around pipeline/operations.py."""
+"""Prefect tasks of the retrain: thin wrappers around pipeline/operations.py."""
 
 from __future__ import annotations
 
@@ -8,21 +8,33 @@ from prefect import task
 
 from pipeline import operations
 from pipeline.config import MlflowConfig
+from tasks.common import PLAIN
 
 
-@task(name="check for new data")
-def check_new_data(product: str, data: str, mlflow: dict[str, Any]) -> dict[str, Any]:
-    result = operations.new_data(product, data, MlflowConfig(**mlflow))
+@task(name="check for new data", **PLAIN)
+def check_new_data(product: str, data: str, mlflow: MlflowConfig) -> dict[str, Any]:
+    result = operations.new_data(product, data, mlflow)
     print(result["message"])
     return result
 
 
-@task(name="version data (dvc add)")
-def version_data(data: str, product: str, git_commit: bool) -> dict[str, Any]:
-    result = operations.version_data(data, product, git_commit)
-    print(
-        f"data version {result['md5']}: "
-        + (f"dvc add {result['dvc_add']}" if result["dvc_add"] else result.get("note", ""))
-        + (f", committed {result['git_commit'][:12]}" if result.get("git_commit") else "")
-    )
+@task(name="version data (dvc add)", **PLAIN)
+def version_data(data: str, product: str) -> dict[str, Any]:
+    result = operations.version_data(data, product)
+    print(f"data version {result['md5']}: " + (f"dvc add {result['dvc_add']}" if result["dvc_add"] else result["note"]))
     return result
+
+
+@task(name="commit data version", **PLAIN)
+def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
+    commit = operations.commit_data_version(versioned, product)
+    print(f"committed {versioned['dvc_file']}: {commit[:12]}" if commit else "nothing to commit")
+    return commit
+
+
+@task(name="revert data version", **PLAIN)
+def revert_data_version(versioned: dict[str, Any]) -> bool:
+    changed = operations.revert_data_version(versioned)
+    if changed:
+        print(f"training failed: {versioned['dvc_file']} put back as it was (nothing committed)")
+    return changed

@@ -67,11 +67,13 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("dvc") / "project"
     repo.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in ("patchcore", "pipeline"):
+    for package in ("patchcore", "pipeline"):  # the DVC stages import these two only
         shutil.copytree(REPO / package, repo / package, ignore=ignore)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = with_overrides(Params(), TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params), sort_keys=False))
+    # dvc.yaml tracks `profile` and `profiles` (what the active profile changes) like any other params.
+    profiles = {"profiles": {"demo": {"model.backbone.weights": "random"}}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params) | profiles, sort_keys=False))
     generate_product(repo / "data", "tiles", n_train=12, n_test_good=4, n_test_defect=2, size_px=112, seed=0)
     run(repo, "git", "init", "-q")
     run(repo, "git", "config", "user.email", "test@example.com")

@@ -106,7 +106,8 @@ def test_deployments_carry_the_per_product_cron_and_the_new_data_trigger():
         },
     )
     found = {d.name: d for d in build_deployments(settings, PARAMS)}
-    assert {"train", "promote", "inspect", "watch", "retrain-tiles", "retrain-bolts"} == set(found)
+    # No watch deployment: the watcher is a long-running loop beside them, not a flow run every 10 s.
+    assert {"train", "promote", "inspect", "retrain-tiles", "retrain-bolts"} == set(found)
     bolts = found["retrain-bolts"]
     assert (
         bolts.schedules[0].schedule.cron == "30 3 * * 1"
@@ -119,8 +120,9 @@ def test_deployments_carry_the_per_product_cron_and_the_new_data_trigger():
         and trigger.match.root["prefect.resource.id"] == "patchcore.product.bolts"
     )
     assert trigger.parameters["product"] == "bolts" and trigger.parameters["reason"] == "new-data"
-    assert found["watch"].schedules[0].schedule.interval.total_seconds() == 7
-    assert found["watch"].concurrency_limit == 1
+    # The automation explains itself in the UI (name and description, not "None").
+    assert trigger.name == "new data for bolts" and "data/bolts" in trigger.description
+    assert all(d.description for d in found.values())
 
 
 def test_serving_deployments_refuses_to_start_without_a_prefect_server(monkeypatch):
@@ -133,8 +135,10 @@ def test_serving_deployments_refuses_to_start_without_a_prefect_server(monkeypat
 
 
 # -- versioning new data with DVC ------------------------------------------------------------------------
-def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
-    from pipeline.operations import _venv_dvc, version_data
+def test_new_images_are_dvc_added_then_committed_only_after_training_succeeds(tmp_path):
+    """dvc add before training; the .dvc file is committed after a successful training, and put back
+    (no commit, no changed file) after a failed one."""
+    from pipeline.operations import _venv_dvc, commit_data_version, revert_data_version, version_data
 
     dvc = shutil.which("dvc") or _venv_dvc()
     if not dvc or not shutil.which("git"):
@@ -153,27 +157,33 @@ def test_new_images_are_dvc_added_and_data_dvc_committed(tmp_path):
     }
 
     def sh(*cmd):
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env=env, timeout=60)
+        return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True, env=env, timeout=60).stdout
 
     sh("git", "init", "-q")
     sh(dvc, "init", "-q")
     sh(dvc, "add", "-q", "data")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "init")
-    (product / "001.png").write_bytes(b"second")
+    head = sh("git", "rev-parse", "HEAD").strip()
+    committed_dvc = (repo / "data.dvc").read_text()
     with pytest.MonkeyPatch.context() as mp:
         for k in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
             mp.setenv(k, env[k])
+        # A training that fails: the .dvc file comes back, nothing is committed.
+        (product / "001.png").write_bytes(b"second")
+        failed = version_data(repo / "data" / "tiles", "tiles")
+        assert failed["dvc_add"] == "data" and (repo / "data.dvc").read_text() != committed_dvc
+        assert revert_data_version(failed) is True
+        assert (repo / "data.dvc").read_text() == committed_dvc
+        assert sh("git", "rev-parse", "HEAD").strip() == head and not sh("git", "status", "--porcelain", "data.dvc")
+        # A training that succeeds: committed, with only the .dvc file.
         result = version_data(repo / "data" / "tiles", "tiles")
-    assert result["dvc_add"] == "data" and result["git_commit"]
-    assert result["version"]["in_dvc"] is True and result["version"]["n_files"] == 2
-    log = subprocess.run(
-        ["git", "log", "--name-only", "--format=%s", "-1"], cwd=repo, capture_output=True, text=True
-    ).stdout
+        assert result["version"]["in_dvc"] is True and result["version"]["n_files"] == 2
+        commit = commit_data_version(result, "tiles")
+    assert commit and commit != head
+    log = sh("git", "log", "--name-only", "--format=%s", "-1")
     assert "data: tiles" in log and "data.dvc" in log
-    assert not subprocess.run(
-        ["git", "status", "--porcelain", "data.dvc"], cwd=repo, capture_output=True, text=True
-    ).stdout.strip()
+    assert not sh("git", "status", "--porcelain", "data.dvc").strip()
 
 
 # -- the retrain flow under a Prefect test server ----------------------------------------------------------
@@ -281,21 +291,60 @@ def test_the_training_slot_admits_one_training_per_product_at_a_time(env):
         assert "c" in spans, "a training of another product waited for this product's slot"
 
 
-def test_watch_flow_records_a_baseline_and_fires_once_per_settled_change(env, monkeypatch):
-    import flows.watch as watch_module
+@pytest.mark.parametrize("mode", ["inotify", "poll"])
+def test_the_watcher_fires_once_per_settled_copy_and_remembers_across_restarts(tmp_path, monkeypatch, mode):
+    """The long-running watcher (no flow runs): inotify wakes it at once, polling rescans; a copy in
+    progress fires once after it settled; a restarted watcher does not fire again for what it saw,
+    but does for a change made while it was down; its heartbeat file says it is alive."""
+    from deploy.watcher import Watcher
+    from pipeline.watching import heartbeat
 
+    monkeypatch.setenv("PATCHCORE_HOME", str(tmp_path / "home"))
+    good = tmp_path / "data" / "tiles" / "train" / "good"
+    good.mkdir(parents=True)
+    (good / "000.png").write_bytes(b"x" * 100)
     emitted = []
-    monkeypatch.setattr(watch_module, "emit_event", lambda **kw: emitted.append(kw))
-    watch = watch_module.watch
-    root = str(env["data"].parent)
-    assert watch(["tiles"], root, PARAMS, settle_seconds=0.0) == {"tiles": True}  # first look: let the retrain decide
-    assert watch(["tiles"], root, PARAMS, settle_seconds=0.0) == {"tiles": False}
-    (env["data"] / "train" / "good" / "late.png").write_bytes((env["data"] / "train" / "good" / "000.png").read_bytes())
-    assert watch(["tiles"], root, PARAMS, settle_seconds=3600.0) == {"tiles": False}  # not settled yet
-    assert watch(["tiles"], root, PARAMS, settle_seconds=0.0) == {"tiles": True}
-    assert [e["event"] for e in emitted] == ["patchcore.data.settled"] * 2
-    assert emitted[-1]["resource"]["prefect.resource.id"] == "patchcore.product.tiles"
-    assert emitted[-1]["payload"]["data"] == str(env["data"].resolve())
+
+    def make():
+        return Watcher(
+            ["tiles"],
+            tmp_path / "data",
+            settle_seconds=0.6,
+            interval_seconds=0.3 if mode == "poll" else 30,
+            mode=mode,
+            emit=lambda product, folder, snap: emitted.append((product, snap.n_files, time.time())),
+            heartbeat=None,
+        )
+
+    watcher = make()
+    thread = watcher.start()
+    deadline = time.time() + 10
+    while not emitted and time.time() < deadline:  # the first look fires (the retrain decides what is new)
+        time.sleep(0.05)
+    assert [e[:2] for e in emitted] == [("tiles", 1)] and watcher.active_mode == mode
+    for i in range(5):  # a copy in progress: keeps changing for ~1 s, then stops
+        (good / f"new{i}.png").write_bytes(b"y" * 100)
+        last_file = time.time()
+        time.sleep(0.2)
+    while len(emitted) < 2 and time.time() < last_file + 10:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    watcher.stop()
+    thread.join(timeout=10)
+    assert [e[:2] for e in emitted] == [("tiles", 1), ("tiles", 6)]  # once for the whole copy
+    latency = emitted[1][2] - last_file
+    assert 0.6 <= latency < 0.6 + (1.5 if mode == "inotify" else 2.0), latency
+    beat = heartbeat()
+    assert beat["mode"] == mode and beat["looks"] > 2 and beat["age_seconds"] < 5
+
+    again = make()  # a restart: what it saw before is not new
+    again.look()
+    assert len(emitted) == 2
+    (good / "while-down.png").write_bytes(b"z" * 100)  # changed while no watcher ran
+    later = make()
+    later.look()
+    later.look(time.time() + 1.0)
+    assert [e[:2] for e in emitted][-1] == ("tiles", 7)
 
 
 def test_inspect_flow_scores_a_folder_with_the_champion_and_shows_progress(first, env, tmp_path, capfd):

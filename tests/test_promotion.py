@@ -217,3 +217,27 @@ def test_overrides_reach_any_section_and_unknown_keys_are_named():
         load_settings(REPO / "params.yaml", {"pipeline.target_fp": 0.05})
     with pytest.raises(ConfigError, match="promotion.metric must be one of"):
         load_settings(REPO / "params.yaml", {"promotion.metric": "accuracy"})
+
+
+def test_the_active_profile_changes_the_settings_of_every_entry_point_alike(tmp_path):
+    """`profile: demo` (what `make demo` sets) gives the CLI, the flows and deployments (load_settings),
+    the DVC stages (load) and the library (load_config) the same settings: random weights that may be
+    promoted. An unknown profile is named with the known ones."""
+    import yaml
+
+    from patchcore.config import ConfigError, load_config
+    from pipeline.config import load
+
+    text = (REPO / "params.yaml").read_text()
+    assert (
+        yaml.safe_load(text)["profile"] == "production"
+        and load(REPO / "params.yaml").promotion.allow_random_weights is False
+    )
+    demo = tmp_path / "params.yaml"
+    demo.write_text(text.replace("profile: production", "profile: demo", 1))
+    assert load_settings(demo).model.backbone.weights == "random" == load(demo).model.backbone.weights
+    assert load(demo).promotion.allow_random_weights is True and load(demo).profile == "demo"
+    assert load_config(demo, use_env=False).backbone.weights == "random"
+    demo.write_text(text.replace("profile: production", "profile: nightly", 1))
+    with pytest.raises(ConfigError, match="profile 'nightly' is not defined.*production, demo"):
+        load(demo)
