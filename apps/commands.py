@@ -35,6 +35,7 @@ from patchcore.config import PRODUCTION, ConfigError, default_params_path, env_w
 from pipeline.config import Params, load_settings
 from pipeline.registry import Registry, RegistryError, rollback, status
 from pipeline.store import Store
+from pipeline.watching import heartbeat
 
 REGISTRY_ALIASES = ("champion", "challenger", "previous")
 
@@ -234,9 +235,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     reg, c, m = result["registry"], result["calibration"], result["metrics"]
     print()
-    print(f"registered {reg['name']} version {reg['version']} (alias challenger); run {reg['run_id']}")
+    if reg.get("unchanged"):
+        print(
+            f"unchanged: {reg['name']} version {reg['version']} was trained on exactly these images and "
+            "settings; nothing new registered"
+        )
+    else:
+        print(f"registered {reg['name']} version {reg['version']} (alias challenger); run {reg['run_id']}")
     if reg["random_weights"]:
-        print("  WARNING: RANDOM backbone weights: not for production; promotion needs --allow-random-weights")
+        print(
+            "  WARNING: RANDOM backbone weights: not for production; promotion needs --allow-random-weights "
+            "or promotion.allow_random_weights (the demo profile)"
+        )
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in m)
     print(f"  {shown or 'no labelled defects: held-out nominal scores only'}")
     print(
@@ -376,12 +386,23 @@ def set_profile(path: Path, name: str) -> None:
     load_settings(path)  # the file still loads (a broken profile is named now, not at the next run)
 
 
+@_user_errors
 def cmd_status(args: argparse.Namespace) -> int:
     report = status(_registry(args), args.product)
+    report["watcher"] = heartbeat()
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"tracking store: {report['tracking_uri']}")
+    beat = report["watcher"]
+    if beat is None:
+        print("new-data watcher: never ran here (`make serve` starts it)")
+    else:
+        alive = beat["age_seconds"] <= 3 * max(float(beat.get("interval_seconds") or 10), 10)
+        print(
+            f"new-data watcher: {'alive' if alive else 'NOT RUNNING'} (last heartbeat {beat['age_seconds']:.0f} s "
+            f"ago, pid {beat['pid']}, {beat['mode']}, {beat['events_sent']} event(s) sent)"
+        )
     if not report["products"]:
         print("no products registered yet: run `patchcore train --product NAME`")
     for product, entry in report["products"].items():

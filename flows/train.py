@@ -12,6 +12,7 @@ failure anywhere leaves the registry untouched.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow
@@ -31,6 +32,7 @@ def train(
     product: product name (registered model `patchcore-<product>`); data: its folder in MVTec
     layout (default data/<product>); params_path: params.yaml (default ./params.yaml or
     PATCHCORE_PARAMS); overrides: dotted settings, e.g. {"model.backbone.weights": "random"}."""
+    started_at = time.time()
     settings = load_settings(params_path, overrides)
     store = Store.from_settings(settings)
     manifest = t.fingerprint(store, data or f"data/{product}", product)
@@ -42,7 +44,7 @@ def train(
     calibrated = t.calibrate(store, evaluation, bank, product, settings, manifest, division, features)
     report = t.report(store, evaluation, calibrated, manifest, settings)
     record = steps.training_record(
-        product, manifest, validation, division, features, bank, evaluation, calibrated, report
+        product, manifest, validation, division, features, bank, evaluation, calibrated, report, started_at
     )
     registered = t.register(store, product, settings, record, validation)
     t.publish(product, record, registered)

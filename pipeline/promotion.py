@@ -166,6 +166,7 @@ def decide(
         "challenger_metric": value,
         "champion_metric": reference,
         "challenger_heldout_fpr": fpr,
+        "champion_heldout_fpr": champion.get("heldout_fpr") if champion else None,
         "challenger_eval_fpr": challenger_scores.get("eval_fpr"),
         "champion_eval_fpr": champion_scores.get("eval_fpr") if champion_scores else None,
         "settings": {
@@ -195,26 +196,14 @@ def apply_decision(
     registry.tag_version(
         product,
         challenger,
-        {
-            "promotion": outcome,
-            "promotion_at": stamp,
-            "promotion_summary": decision["summary"],
-            "promotion_reasons": "; ".join(decision["reasons"]) or "none",
-            "promotion_eval_set": eval_set["eval_set_sha256"][:16],
-            f"promotion_{decision['metric']}": decision["challenger_metric"],
-            "promotion_vs": champion or "none",
-        },
+        # Three tags: the decision's numbers, reasons and evaluation set are in its MLflow run.
+        {"promotion": outcome, "promotion_at": stamp, "promotion_summary": decision["summary"]},
     )
     if champion:
         registry.tag_version(
             product,
             champion,
-            {
-                "challenged_by": challenger,
-                "challenged_at": stamp,
-                "challenge_outcome": outcome,
-                f"challenge_{decision['metric']}": decision["champion_metric"],
-            },
+            {"challenged_by": f"v{challenger} ({outcome}, {stamp})"},
         )
     with mlflow.start_run(
         experiment_id=registry.experiment_id(product),
@@ -273,7 +262,8 @@ def decision_markdown(product: str, decision: dict[str, Any], eval_set: dict[str
         f"| {fmt(decision['champion_metric'])} |",
         f"| FPR at own threshold, pinned set | {fmt(decision['challenger_eval_fpr'])} "
         f"| {fmt(decision['champion_eval_fpr'])} |",
-        f"| held-out FPR (training) | {fmt(decision['challenger_heldout_fpr'])} | |",
+        f"| held-out FPR (training) | {fmt(decision['challenger_heldout_fpr'])} "
+        f"| {fmt(decision.get('champion_heldout_fpr'))} |",
         "",
         f"Evaluation set `{eval_set['eval_set_sha256'][:16]}`: {eval_set['n_good']} good, "
         f"{eval_set['n_defect']} defective images.",

@@ -30,6 +30,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking.context import registry as context_registry
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
@@ -45,6 +46,16 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 RANDOM_WEIGHTS_TAG = "RANDOM (not for production)"
 HISTORY_TAG = "champion_history"  # registered-model tag: versions that were champion, oldest first
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# The tags a registered version carries besides threshold, held-out FPR, run, training key and metrics.
+VERSION_TAGS = (
+    "data_version",
+    "data_root",
+    "weights",
+    "random_weights",
+    "threshold_rule",
+    "mode",
+)
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PATCHCORE_PACKAGE = Path(__file__).resolve().parents[1] / "patchcore"
 MODEL_ARTIFACT = "patchcore_model"
@@ -167,10 +178,25 @@ class Registry:
         name = self.model_name(product)
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag was set
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         root = _local_artifact_root(self.uri)
         location = (root / name).as_uri() if root else None
-        return self.client.create_experiment(name, artifact_location=location, tags={"product": product})
+        # Marked as model training (not GenAI): MLflow's experiment kind tag. (The 3.17 UI also keeps a
+        # per-browser choice; the addresses this project prints add ?workflowType=machine_learning.)
+        return self.client.create_experiment(
+            name, artifact_location=location, tags={"product": product, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+
+    def find_training(self, product: str, training_key: str):
+        """The registered version whose training had exactly this key (same images, split, bank,
+        evaluation and threshold), or None."""
+        if not training_key or not self.client.search_registered_models(f"name = '{self.model_name(product)}'"):
+            return None
+        versions = self.client.search_model_versions(f"name = '{self.model_name(product)}'")
+        same = [mv for mv in versions if mv.tags.get("training_key") == training_key]
+        return max(same, key=lambda mv: int(mv.version)) if same else None
 
     # versions and aliases
     def version(self, product: str, alias: str | None = None, version: str | int | None = None):
@@ -246,6 +272,19 @@ class Registry:
         succeeded: a failure before registration leaves a FAILED run and no version."""
         record = training.to_dict()
         name = self.model_name(product)
+        existing = self.find_training(product, training.training_key)
+        if existing is not None:  # nothing changed since that version: register nothing new
+            return {
+                "name": name,
+                "version": str(existing.version),
+                "run_id": existing.run_id,
+                "model_uri": f"models:/{name}/{existing.version}",
+                "logged_model_uri": existing.source,
+                "tracking_uri": self.uri,
+                "experiment_id": self.experiment_id(product),
+                "random_weights": existing.tags.get("random_weights") == "true",
+                "unchanged": True,
+            }
         model_dir = Path(record["model_dir"])
         meta = json.loads((model_dir / "model.json").read_text())
         weights = meta["backbone"]["weights"]
@@ -274,7 +313,14 @@ class Registry:
         }
         tags |= DataVersion.from_dict(record["data_version_record"]).tags()
         run_name = f"train-{product}-{record['data_version'][:8]}" + ("-RANDOM-WEIGHTS" if is_random else "")
-        with mlflow.start_run(experiment_id=self.experiment_id(product), run_name=run_name) as run:
+        # The run starts when the training started, so its duration in the UI is the whole training.
+        started = self.client.create_run(
+            self.experiment_id(product),
+            start_time=int(training.started_at * 1000) if training.started_at else None,
+            tags=context_registry.resolve_tags({}),
+            run_name=run_name,
+        )
+        with mlflow.start_run(run_id=started.info.run_id) as run:
             mlflow.log_params(
                 {k: _param_value(v) for k, v in flat_params(params).items()}
                 | {"product": product, "data_root": record["data_root"]}
@@ -295,36 +341,24 @@ class Registry:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Operation with range is deprecated")  # inside MLflow
                 info = self._log_pyfunc(model_dir, meta, record, calibration, tags)
-            version_tags = {
-                k: v
-                for k, v in tags.items()
-                if k
-                in (
-                    "data_version",
-                    "data_root",
-                    "weights",
-                    "weights_source",
-                    "backbone",
-                    "threshold_rule",
-                    "git_commit",
-                    "random_weights",
-                    "mode",
-                )
-                or k.startswith("data.")
-            }
-            version_tags |= {
+            # A lean set of version tags (what the gate, `status` and the retrain read); the rest is
+            # in the description, and all of it on the run (tags, params, artifacts).
+            version_tags = {k: tags[k] for k in VERSION_TAGS if k in tags} | {
                 "threshold": calibration["threshold"],
-                "run_id": run.info.run_id,
                 "heldout_fpr": calibration["heldout_fpr"],
-                "bank_size": record["bank_size"],
+                "run_id": run.info.run_id,
+                "training_key": training.training_key,
             }
             version_tags |= {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in metrics}
             version = mlflow.register_model(
                 info.model_uri, name, tags={k: _tag_value(v) for k, v in version_tags.items()}
             )
             description = (
-                f"PatchCore for {product}: threshold {calibration['threshold']:.6g} ({calibration['rule']}), "
-                f"data {record['data_version']}, weights {tags['weights']}"
+                f"PatchCore for {product}: threshold {calibration['threshold']:.6g} ({calibration['rule']}); "
+                f"data {record['data_version']} ({record['data_root']}, git {record['git']['commit'][:12]}); "
+                f"backbone {tags['backbone']} [{tags['layers']}], weights {tags['weights']} "
+                f"({tags['weights_source']}, sha256 {tags['weights_sha256'][:16]}); memory bank {record['bank_size']} "
+                f"patches; figures measured on {calibration['report_on']}. Training run {run.info.run_id}."
             )
             self.client.update_model_version(name, version.version, description=description)
             self.set_alias(product, CHALLENGER, version.version)

@@ -170,6 +170,10 @@ class TrainingRecord(StepResult):
     seconds: dict[str, float]
     artifacts: dict[str, list[Any]]
     input_example: str
+    # What decides the registered model (images, split, bank, evaluation, threshold), without times:
+    # a training identical to a registered version's registers nothing new.
+    training_key: str = ""
+    started_at: float = 0.0  # when the training began (the MLflow run's start time)
 
 
 __all__ = [

@@ -175,6 +175,13 @@ def register(store: Store, product: str, settings: Params, record: TrainingRecor
         {"model": registered["name"], "version": registered["version"], "data_version": record.data_version},
     )
     logger = get_run_logger()
+    if registered.get("unchanged"):
+        logger.info(
+            "unchanged: %s version %s was trained on exactly these images and settings; nothing registered",
+            registered["name"],
+            registered["version"],
+        )
+        return registered
     logger.info(
         "registered %s version %s (alias challenger), run %s at %s; drift reference %s",
         registered["name"],

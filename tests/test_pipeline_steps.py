@@ -153,3 +153,14 @@ def test_the_steps_run_on_a_store_url_and_a_second_machine_reuses_every_output(t
     assert bank2.cached and evaluation2.cached and bank2.bank_key == bank.bank_key
     assert calibrated2.threshold == calibrated.threshold
     assert str(tmp_path / "machine-b") in bank2.bank_dir  # read through machine b's own mirror
+
+
+def test_the_heatmap_grid_colour_scale_is_anchored_at_the_threshold_not_at_the_hottest_defect():
+    from pipeline.steps.report import heatmap_scale
+
+    records = [{"split": "holdout"}] * 3 + [{"split": "test"}] * 2
+    maps = np.stack([np.full((4, 4), 1.0)] * 3 + [np.full((4, 4), 3.0), np.full((4, 4), 50.0)])
+    low, high = heatmap_scale(records, maps, threshold=4.0)
+    assert (low, high) == (1.0, 7.0)  # typical good pixel at the bottom, the threshold in the middle
+    maps[-1] = 5000.0  # a far hotter defect does not wash out every other tile
+    assert heatmap_scale(records, maps, threshold=4.0) == (1.0, 7.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PARAMS, pipeline_home, tiny_overrides
+from conftest import PARAMS, REPO, pipeline_home, tiny_overrides
 
 TINY = tiny_overrides()
 START_TIMEOUT_S = 120
@@ -128,3 +129,33 @@ def test_served_champion_scores_base64_images_with_a_label(server, champion):
 def test_served_model_rejects_a_row_that_is_not_an_image(server):
     status, answer = post(server, {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]})
     assert status >= 400 and "not a decodable image" in json.dumps(answer)
+
+
+def readme_block(containing: str) -> str:
+    """The README's bash code block that contains `containing`, as written."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"expected one README bash block with {containing!r}, found {len(found)}"
+    return found[0]
+
+
+def test_the_readme_curl_example_works_as_written(server, champion, tmp_path):
+    """The README's request-file + curl commands, pasted into bash in a folder with `data/tiles`, against
+    the served champion; only the port differs (the test server's free port instead of 5001). A real
+    demo image in base64 is longer than one shell argument may be: the block must not need one."""
+    block = readme_block("--data @request.json")
+    assert "http://127.0.0.1:5001/invocations" in block
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiles").symlink_to(champion["product"])
+    run = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.replace("http://127.0.0.1:5001", server)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert [set(row) for row in answer["predictions"]] == [{"score", "is_anomalous", "threshold"}] * 2
+    assert (tmp_path / "request.json").stat().st_size > 1000

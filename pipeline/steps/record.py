@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.io import source_commit
+from pipeline.io import content_key, source_commit
 from pipeline.results import (
     Bank,
     Calibration,
@@ -46,6 +46,7 @@ def training_record(
     evaluation: Evaluation,
     calibrated: Calibration,
     report: Report,
+    started_at: float | None = None,
 ) -> TrainingRecord:
     """The one record of a finished training, from the typed results of its steps."""
     steps = {
@@ -88,6 +89,18 @@ def training_record(
             ],
         },
         input_example=image_path(load_manifest(manifest), holdout[0]).as_posix(),
+        training_key=content_key(
+            "training",
+            product,
+            manifest.manifest_sha256,
+            split.split_key,
+            bank.bank_key,
+            evaluation.json_path.parent.name,
+            calibrated.calibration["threshold"],
+            calibrated.calibration["rule"],
+            length=24,
+        ),
+        started_at=time.time() if started_at is None else started_at,
     )
 
 

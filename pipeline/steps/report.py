@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pipeline.config import PipelineConfig
@@ -143,15 +143,20 @@ def _heatmap_grid(
     chosen = (misses + alarms + rest)[:size]
     if not chosen:
         return None
-    vmin, vmax = (float(v) for v in np.percentile(maps.astype(np.float32), [1.0, 99.9]))
+    vmin, vmax = heatmap_scale(records, maps, threshold)
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
-    label_px = 28
-    sheet = Image.new("RGB", (columns * crop, rows * (crop + label_px)), "white")
+    side = max(crop, TILE_MIN_PX)  # small crops are shown enlarged, so the captions fit and stay legible
+    label_px, legend_px = 44, 44
+    font, small = _font(15), _font(13)
+    sheet = Image.new("RGB", (columns * side, legend_px + rows * (side + label_px)), "white")
     draw = ImageDraw.Draw(sheet)
+    _legend(sheet, draw, vmin, vmax, threshold, columns * side, small)
     for n, (i, record) in enumerate(chosen):
         tile = overlay(image_path(manifest, record["path"]), maps[i].astype(np.float32), resize, crop, vmin, vmax)
-        x, y = (n % columns) * crop, (n // columns) * (crop + label_px)
+        if side != crop:
+            tile = tile.resize((side, side), Image.Resampling.BILINEAR)
+        x, y = (n % columns) * side, legend_px + (n // columns) * (side + label_px)
         sheet.paste(tile, (x, y + label_px))
         flagged = record["score"] >= threshold
         verdict = (
@@ -161,10 +166,45 @@ def _heatmap_grid(
             if record["label"] == 0 and flagged
             else "ok"
         )
-        colour = "red" if verdict != "ok" else "black"
-        draw.text((x + 3, y + 2), f"{record['defect_type']} {record['split']}", fill="black")
-        draw.text((x + 3, y + 14), f"{record['score']:.4g} {verdict}", fill=colour)
+        colour = (200, 0, 0) if verdict != "ok" else "black"
+        draw.text((x + 4, y + 3), f"{record['defect_type']} ({record['split']})", fill="black", font=font)
+        draw.text((x + 4, y + 22), f"score {record['score']:.4g}  {verdict}", fill=colour, font=font)
     return sheet
+
+
+TILE_MIN_PX = 224
+
+
+def heatmap_scale(records: list[dict], maps: np.ndarray, threshold: float) -> tuple[float, float]:
+    """One absolute colour scale for every tile, anchored at the threshold: the bottom is the typical
+    held-out nominal pixel (the median of their maps), the threshold sits in the middle (green-yellow
+    in 'jet'), and twice the threshold's distance from the bottom is full red. So a tile's colour says
+    how far from the decision it is, not how it compares with the worst defect of the set."""
+    held = [i for i, r in enumerate(records) if r["split"] == HOLDOUT]
+    sample = maps[held] if held else maps
+    low = float(np.median(sample.astype(np.float32)))
+    if not threshold > low:  # a threshold below the typical nominal pixel: fall back to the maps' spread
+        return tuple(float(v) for v in np.percentile(maps.astype(np.float32), [1.0, 99.9]))  # type: ignore[return-value]
+    return low, threshold + (threshold - low)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _legend(sheet, draw, vmin: float, vmax: float, threshold: float, width: int, font) -> None:
+    """A colour bar across the top with the scale's bottom, the threshold and the top labelled."""
+    from matplotlib import colormaps  # noqa: PLC0415  lazy: see make_report
+
+    bar = (colormaps["jet"](np.linspace(0.0, 1.0, width))[:, :3] * 255).astype(np.uint8)
+    sheet.paste(Image.fromarray(np.repeat(bar[None], 12, axis=0)), (0, 24))
+    mid = int(width * (threshold - vmin) / max(vmax - vmin, 1e-12))
+    draw.line([(mid, 20), (mid, 40)], fill="black", width=3)
+    text = f"colour: {vmin:.3g} typical good pixel | threshold {threshold:.4g} (black mark) | {vmax:.3g}+"
+    draw.text((4, 3), text, fill="black", font=font)
 
 
 __all__ = ["make_report"]
