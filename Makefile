@@ -124,13 +124,16 @@ stop:
 	    kill -KILL -- -$$pid 2>/dev/null; rm -f $$f; fi; done
 
 # Restart the model server so it resolves @champion again (aliases are resolved when it starts).
+# deploy/model_server.py: MLflow's scoring app behind a guard (Host, Origin, content type, body size,
+# clean errors); MODEL_SERVER_ARGS e.g. "--allowed-host inspect.factory.lan" behind a reverse proxy.
 SERVE_MODEL_PORT ?= 5001
+MODEL_SERVER_ARGS ?=
 .PHONY: serve-model
 serve-model: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
 serve-model: export PATH := $(abspath $(VENV))/bin:$(PATH)
 serve-model:
 	@mkdir -p $(RUN_DIR)
 	@if [ -f $(RUN_DIR)/model.pid ]; then kill -TERM -- -$$(cat $(RUN_DIR)/model.pid) 2>/dev/null; rm -f $(RUN_DIR)/model.pid; sleep 2; fi
-	setsid $(VENV)/bin/mlflow models serve -m "models:/patchcore-$(PRODUCT)@champion" --env-manager local \
-	    --host 127.0.0.1 --port $(SERVE_MODEL_PORT) > $(RUN_DIR)/model.log 2>&1 & echo $$! > $(RUN_DIR)/model.pid
+	setsid $(PY) -m deploy.model_server --model "models:/patchcore-$(PRODUCT)@champion" \
+	    --host 127.0.0.1 --port $(SERVE_MODEL_PORT) $(MODEL_SERVER_ARGS) > $(RUN_DIR)/model.log 2>&1 & echo $$! > $(RUN_DIR)/model.pid
 	@echo "serving patchcore-$(PRODUCT)@champion on http://127.0.0.1:$(SERVE_MODEL_PORT)/invocations (log $(RUN_DIR)/model.log)"

@@ -42,6 +42,7 @@ from patchcore.backbone import (
 from patchcore.config import BackboneConfig, PatchCoreConfig, env_weights
 from patchcore.coreset import GreedySelection
 from patchcore.data import Sample, check_readable, image_transform, make_loader, resolve_samples
+from patchcore.digest import MODEL_JSON, model_digest
 from patchcore.errors import ModelFileError
 from patchcore.features import patch_features
 from patchcore.knn import FaissIndex, make_index
@@ -49,7 +50,7 @@ from patchcore.knn import FaissIndex, make_index
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MODEL_JSON, BANK_FILE, INDEX_FILE = "model.json", "memory_bank.npy", "index.faiss"
+BANK_FILE, INDEX_FILE = "memory_bank.npy", "index.faiss"
 # Written by fit (greedy coreset only): the selection and every training patch's final distance to
 # it, the state an incremental refit continues from (see coreset.greedy_selection).
 CORESET_INDICES_FILE, CORESET_DISTANCES_FILE = "coreset_indices.npy", "coreset_sq_distances.npy"
@@ -394,11 +395,19 @@ class PatchCore:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, weights: str | None = None, device: str | None = None) -> PatchCore:
+    def load(
+        cls, directory: str | Path, weights: str | None = None, device: str | None = None, digest: str | None = None
+    ) -> PatchCore:
         """Load a saved model. `weights` re-points a file-weights model at the file's location on
         this machine (its sha256 must match the recorded one); `device` overrides runtime.device."""
         directory = Path(directory)
         meta = read_model_json(directory)
+        if digest is not None and model_digest(directory) != digest:
+            raise ModelFileError(
+                f"{directory / MODEL_JSON}: differs from the model that was registered (sha256 "
+                f"{model_digest(directory)[:16]}..., recorded {digest[:16]}...): its threshold, calibration, settings "
+                "or provenance were edited or corrupted; re-register the model instead of editing it"
+            )
         for name, expected in meta["files"].items():
             path = directory / name
             if not path.is_file():

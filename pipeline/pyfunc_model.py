@@ -10,7 +10,11 @@ recorded beside it.
 
 Input: a pandas DataFrame, one row per image, with one of two columns filled per row:
   - `image`: encoded image bytes (PNG, JPEG, BMP, TIFF, WebP: anything Pillow decodes);
-  - `path`:  the path of an image file readable by the serving process.
+  - `path`:  the path of an image file on the serving machine: off unless PATCHCORE_SERVE_PATH_ROOTS
+             names the folders it may come from (regular files inside them only).
+Limits (DEFAULT_LIMITS; the registered model carries the project's validation limits): rows per
+request, encoded bytes per image, pixels and side length checked from the header before decoding,
+a smallest side. A row that breaks one is refused with a message naming the row (HTTP 400).
 uint8 arrays (H×W, H×W×1, H×W×3 or H×W×4) go through `to_model_input(...)`, which encodes them as
 PNG bytes; it also accepts paths and bytes.
 Params: `return_maps` (bool, default false) adds the anomaly map of each image.
@@ -28,15 +32,38 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 ARTIFACT_KEY = "patchcore_model"
+
+
+# What one request may hold (the same image limits as training's validation, params.yaml
+# `validation:`; recorded in the logged model's config at registration, defaults here). Images are
+# decoded one at a time and scored in batches of the model's batch size, so a request never holds
+# more than one batch of decoded images.
+DEFAULT_LIMITS = {
+    "max_rows": 64,  # rows per request
+    "max_image_bytes": 20_000_000,  # encoded bytes per image
+    "max_pixels": 40_000_000,  # width x height, checked from the header before decoding
+    "max_side_px": 10_000,
+    "min_side_px": 16,  # smaller images carry no patch the backbone can use; refused, not called anomalous
+}
+# `path` inputs are off unless the serving machine names the folders they may come from
+# (os.pathsep-separated); then only regular files inside them, after resolving `..` and links.
+PATH_ROOTS_ENV = "PATCHCORE_SERVE_PATH_ROOTS"
+
+
+class RequestError(ValueError):
+    """A row of the request that cannot be scored; the message names the row and the problem."""
 
 
 class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
@@ -48,54 +75,127 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
         from patchcore import PatchCore  # noqa: PLC0415
         from patchcore.config import env_weights  # noqa: PLC0415
 
-        self.model = PatchCore.load(context.artifacts[ARTIFACT_KEY], weights=env_weights())
+        config = context.model_config or {}
+        # The digest recorded at registration: a model.json edited since (a threshold of 1e9 ...) is refused.
+        self.model = PatchCore.load(
+            context.artifacts[ARTIFACT_KEY], weights=env_weights(), digest=config.get("model_sha256")
+        )
         if self.model.threshold_ is None:
             raise ValueError(
                 f"{context.artifacts[ARTIFACT_KEY]}: the saved model has no threshold; register only calibrated models"
             )
+        self.limits = DEFAULT_LIMITS | {k: v for k, v in config.items() if k in DEFAULT_LIMITS}
+        self.path_roots = path_roots()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return_maps = bool((params or {}).get("return_maps", False))
-        images = _decode(model_input)
-        predictions = self.model.predict(images, maps=return_maps, progress=False)
+        try:
+            return self._predict(model_input, bool((params or {}).get("return_maps", False)))
+        except RequestError as exc:  # a 400 with our one-line message (deploy/model_server.py keeps only it)
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def _predict(self, model_input, return_maps: bool) -> pd.DataFrame:
+        rows = _rows(model_input, self.limits["max_rows"])
+        batch = max(1, self.model.config.runtime.batch_size)
+        scores, maps = [], []
+        for start in range(0, len(rows), batch):  # decode one batch at a time, then score it
+            images = [
+                decode_row(i, row, self.limits, self.path_roots)
+                for i, row in enumerate(rows[start : start + batch], start)
+            ]
+            predictions = self.model.predict(images, maps=return_maps, progress=False)
+            scores.append(predictions.scores.astype(np.float64))
+            if return_maps:
+                maps += list(predictions.anomaly_maps)
+        score = np.concatenate(scores)
         out = pd.DataFrame(
             {
-                "score": predictions.scores.astype(np.float64),
-                "is_anomalous": predictions.scores >= self.model.threshold_,
-                "threshold": np.full(len(images), self.model.threshold_, dtype=np.float64),
+                "score": score,
+                "is_anomalous": score >= self.model.threshold_,
+                "threshold": np.full(len(score), self.model.threshold_, dtype=np.float64),
             }
         )
         if return_maps:
-            out["anomaly_map"] = list(predictions.anomaly_maps)
+            out["anomaly_map"] = maps
         return out
 
 
-def _decode(model_input: Any) -> list:
-    """Rows of `image` bytes / `path` strings -> decoded RGB images and paths for PatchCore.predict."""
+def path_roots() -> list[Path]:
+    """The folders `path` inputs may come from (PATCHCORE_SERVE_PATH_ROOTS), resolved; [] = paths off."""
+    return [Path(p).resolve() for p in os.environ.get(PATH_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _rows(model_input: Any, max_rows: int) -> list[dict[str, Any]]:
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
     if not isinstance(model_input, pd.DataFrame):
-        raise TypeError(
+        raise RequestError(
             "model input must be a DataFrame with an `image` (encoded bytes) or `path` column; "
             "use pipeline.pyfunc_model.to_model_input(...) to build one from arrays"
         )
     if len(model_input) == 0:
-        raise ValueError("model input has no rows")
-    images: list = []
-    for i, row in enumerate(model_input.to_dict("records")):
-        data, path = row.get("image"), row.get("path")
-        if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
-            try:
-                with Image.open(io.BytesIO(bytes(data))) as image:
-                    image.load()
-                    images.append(image.convert("RGB"))
-            except (OSError, ValueError, SyntaxError) as exc:
-                raise ValueError(f"row {i}: `image` bytes are not a decodable image ({exc})") from None
-        elif isinstance(path, str) and path:
-            images.append(Path(path))
-        else:
-            raise ValueError(f"row {i}: give encoded bytes in `image` or a file path in `path`")
-    return images
+        raise RequestError("model input has no rows")
+    if len(model_input) > max_rows:
+        raise RequestError(f"{len(model_input)} rows in one request; at most {max_rows}: send smaller batches")
+    return model_input.to_dict("records")
+
+
+def decode_row(i: int, row: dict[str, Any], limits: dict[str, int], roots: list[Path]) -> Image.Image:
+    """One row's image, checked against the limits from its header before it is decoded."""
+    data, path = row.get("image"), row.get("path")
+    if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
+        if len(data) > limits["max_image_bytes"]:
+            raise RequestError(f"row {i}: {len(data)} bytes; at most {limits['max_image_bytes']} per image")
+        return _open_checked(i, io.BytesIO(bytes(data)), limits)
+    if isinstance(path, str) and path:
+        if not roots:
+            raise RequestError(f"row {i}: `path` inputs are off on this server; send the image bytes in `image`")
+        return _open_checked(i, io.BytesIO(_read_under(i, path, roots, limits["max_image_bytes"])), limits)
+    raise RequestError(f"row {i}: give encoded bytes in `image`" + (" or a file path in `path`" if roots else ""))
+
+
+def _read_under(i: int, path: str, roots: list[Path], max_bytes: int) -> bytes:
+    """A regular file's bytes, only when its resolved path lies under one of `roots`. The same
+    answer for a missing file and one outside the roots (no probing of what exists), and no
+    blocking on FIFOs or devices (the type is checked before the file is opened)."""
+    refused = RequestError(f"row {i}: `path` is not a readable image file under the allowed folders")
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise refused from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise refused
+    try:
+        info = os.stat(resolved)
+        if not stat.S_ISREG(info.st_mode):
+            raise refused
+        if info.st_size > max_bytes:
+            raise RequestError(f"row {i}: {info.st_size} bytes; at most {max_bytes} per image")
+        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(max_bytes + 1)[:max_bytes]
+    except OSError:
+        raise refused from None
+
+
+def _open_checked(i: int, stream: io.BytesIO, limits: dict[str, int]) -> Image.Image:
+    try:
+        with Image.open(stream) as image:  # reads the header only
+            width, height = image.size
+            if width * height > limits["max_pixels"] or max(width, height) > limits["max_side_px"]:
+                raise RequestError(
+                    f"row {i}: {width}x{height} px; at most {limits['max_pixels']} pixels and "
+                    f"{limits['max_side_px']} px a side (it is not decoded)"
+                )
+            if min(width, height) < limits["min_side_px"]:
+                raise RequestError(
+                    f"row {i}: {width}x{height} px; images need at least {limits['min_side_px']} px a side"
+                )
+            image.load()
+            return image.convert("RGB")
+    except RequestError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RequestError(f"row {i}: `image` bytes are not a decodable image ({type(exc).__name__})") from None
 
 
 def to_model_input(images) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from mlflow.tracking.context import registry as context_registry
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from patchcore.digest import model_digest
 from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
 from pipeline.data_version import DataVersion
@@ -263,6 +264,13 @@ class Registry:
                 raise
         mlmodel = yaml.safe_load((target / "MLmodel").read_text())
         relative = mlmodel["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
+        recorded = self.client.get_model_version(name, str(version)).tags.get("model_sha256")
+        if recorded and model_digest(target / relative) != recorded:
+            raise RegistryError(
+                f"{name} v{version}: the downloaded model differs from the registered one (model.json sha256 "
+                f"{model_digest(target / relative)[:16]}..., recorded {recorded[:16]}...): edited or corrupted in the "
+                f"artifact store or in {target}; delete that folder to download it again, or re-register"
+            )
         return target / relative
 
     # training runs
@@ -340,7 +348,10 @@ class Registry:
                         mlflow.log_artifact(str(path), artifact_path=folder)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Operation with range is deprecated")  # inside MLflow
-                info = self._log_pyfunc(model_dir, meta, record, calibration, tags)
+                digest = model_digest(model_dir)
+                info = self._log_pyfunc(
+                    model_dir, meta, record, calibration, tags, serving_limits(params) | {"model_sha256": digest}
+                )
             # A lean set of version tags (what the gate, `status` and the retrain read); the rest is
             # in the description, and all of it on the run (tags, params, artifacts).
             version_tags = {k: tags[k] for k in VERSION_TAGS if k in tags} | {
@@ -348,6 +359,7 @@ class Registry:
                 "heldout_fpr": calibration["heldout_fpr"],
                 "run_id": run.info.run_id,
                 "training_key": training.training_key,
+                "model_sha256": digest,
             }
             version_tags |= {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in metrics}
             version = mlflow.register_model(
@@ -382,9 +394,11 @@ class Registry:
         record: dict[str, Any],
         calibration: dict[str, Any],
         tags: dict[str, Any],
+        limits: dict[str, int],
     ):
         """The promotable model: pyfunc from code (pyfunc_model.py) + the PatchCore folder + the
-        `patchcore` package, with signature, input example and pinned requirements."""
+        `patchcore` package, with signature, input example, pinned requirements and the serving
+        limits (its model config)."""
         with tempfile.TemporaryDirectory(prefix="patchcore-code-") as tmp:
             package = Path(tmp) / "patchcore"  # the library's sources only: no __pycache__
             shutil.copytree(PATCHCORE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -396,6 +410,7 @@ class Registry:
                 signature=model_signature(),
                 input_example=_input_example(record.get("input_example"), meta),
                 pip_requirements=serving_requirements(),
+                model_config=limits,
                 metadata={
                     "threshold": calibration["threshold"],
                     "threshold_rule": calibration["rule"],
@@ -403,6 +418,14 @@ class Registry:
                     "weights": tags["weights"],
                 },
             )
+
+
+def serving_limits(params: Params) -> dict[str, int]:
+    """What one request to the served model may hold: training's image limits (validation:
+    max_pixels, max_side_px) and the serving defaults (pipeline/pyfunc_model.py DEFAULT_LIMITS)."""
+    from pipeline.pyfunc_model import DEFAULT_LIMITS  # noqa: PLC0415  lazy: the serving module sets its model on import
+
+    return DEFAULT_LIMITS | {"max_pixels": params.validation.max_pixels, "max_side_px": params.validation.max_side_px}
 
 
 def training_metrics(record: dict[str, Any]) -> dict[str, float]:

@@ -385,3 +385,16 @@ def test_unreachable_tracking_store_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert cli("status") == 2
     assert "tracking store http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+
+
+def test_evaluate_by_model_folder_and_by_registered_version_report_the_same_figures(trained, env, product, capsys):
+    """One evaluation function: `patchcore evaluate --model DIR` (the library) and `--product` (the
+    promotion gate's scoring of a registered version) give the same numbers under the same names."""
+    version = trained["result"]["registry"]["version"]
+    model_dir = env["registry"].download("tiles", version)
+    assert cli("evaluate", "--model", str(model_dir), "--data", str(product), "--quiet") == 0
+    by_folder = json.loads(capsys.readouterr().out)["metrics"]
+    assert cli("evaluate", "--product", "tiles", "--version", version, "--data", str(product)) == 0
+    by_version = json.loads(capsys.readouterr().out)
+    for name in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold", "n_good", "n_defect"):
+        assert by_version[name] == pytest.approx(by_folder[name], rel=1e-9), name
