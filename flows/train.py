@@ -19,6 +19,7 @@ from prefect import flow
 
 from pipeline import steps
 from pipeline.config import load_settings
+from pipeline.locks import product_lock
 from pipeline.store import Store
 from tasks import training as t
 
@@ -32,22 +33,25 @@ def train(
     product: product name (registered model `patchcore-<product>`); data: its folder in MVTec
     layout (default data/<product>); params_path: params.yaml (default ./params.yaml or
     PATCHCORE_PARAMS); overrides: dotted settings, e.g. {"model.backbone.weights": "random"}."""
-    started_at = time.time()
     settings = load_settings(params_path, overrides)
     store = Store.from_settings(settings)
-    manifest = t.fingerprint(store, data or f"data/{product}", product)
-    validation = t.validate(store, manifest, settings, product)
-    division = t.split(store, manifest, settings)
-    features = t.extract(store, manifest, division, settings)
-    bank = t.coreset(store, manifest, division, features, settings)
-    evaluation = t.evaluate(store, manifest, division, bank)
-    calibrated = t.calibrate(store, evaluation, bank, product, settings, manifest, division, features)
-    report = t.report(store, evaluation, calibrated, manifest, settings)
-    record = steps.training_record(
-        product, manifest, validation, division, features, bank, evaluation, calibrated, report, started_at
-    )
-    registered = t.register(store, product, settings, record, validation)
-    t.publish(product, record, registered)
+    # One training of a product at a time on this machine, in every mode (with or without a Prefect
+    # server): a second waits, then finds the first's outputs in the store and its registered version.
+    with product_lock(product, "train"):
+        started_at = time.time()
+        manifest = t.fingerprint(store, data or f"data/{product}", product)
+        validation = t.validate(store, manifest, settings, product)
+        division = t.split(store, manifest, settings)
+        features = t.extract(store, manifest, division, settings)
+        bank = t.coreset(store, manifest, division, features, settings)
+        evaluation = t.evaluate(store, manifest, division, bank)
+        calibrated = t.calibrate(store, evaluation, bank, product, settings, manifest, division, features)
+        report = t.report(store, evaluation, calibrated, manifest, settings)
+        record = steps.training_record(
+            product, manifest, validation, division, features, bank, evaluation, calibrated, report, started_at
+        )
+        registered = t.register(store, product, settings, record, validation)
+        t.publish(product, record, registered)
     return {
         "product": product,
         "registry": registered,

@@ -187,6 +187,12 @@ def apply_decision(
     challenger, champion = decision["challenger_version"], decision["champion_version"]
     outcome = "promoted" if decision["promote"] else "rejected"
     stamp = now_iso()
+    current = registry.aliases(product).get(CHAMPION)
+    if current != champion:  # decided against a champion that is no longer the champion
+        raise RegistryError(
+            f"{product}: the champion changed while this promotion was deciding (v{champion or '-'} -> "
+            f"v{current}); nothing was changed: run the promotion again"
+        )
     if decision["promote"]:
         history = registry.history(product) or ([champion] if champion else [])
         registry.set_alias(product, CHAMPION, challenger)

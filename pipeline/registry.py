@@ -38,6 +38,7 @@ from patchcore.digest import model_digest
 from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
 from pipeline.data_version import DataVersion
+from pipeline.locks import product_lock
 from pipeline.results import TrainingRecord
 from pipeline.summary import summary_markdown
 
@@ -236,7 +237,9 @@ class Registry:
             self.client.set_registered_model_alias(name, alias, str(version))
 
     def set_history(self, product: str, versions: list[str]) -> None:
-        self.client.set_registered_model_tag(self.model_name(product), HISTORY_TAG, ",".join(versions))
+        """The versions that were champion, oldest first; a version never follows itself."""
+        kept = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+        self.client.set_registered_model_tag(self.model_name(product), HISTORY_TAG, ",".join(kept))
 
     def tag_version(self, product: str, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
@@ -498,7 +501,14 @@ def now_iso() -> str:
 
 # -- rollback -------------------------------------------------------------------------------------------
 def rollback(registry: Registry, product: str) -> dict[str, Any]:
-    """Move `champion` back to `previous`; the one before that (if any) becomes `previous`."""
+    """Move `champion` back to `previous`; the one before that (if any) becomes `previous`. Under the
+    product's registry lock, re-reading the aliases inside it; a rollback that would not change the
+    champion is refused (RegistryError: exit status 2)."""
+    with product_lock(product):
+        return _rollback(registry, product)
+
+
+def _rollback(registry: Registry, product: str) -> dict[str, Any]:
     aliases = registry.aliases(product)
     if CHAMPION not in aliases:
         raise NoSuchAlias(f"no champion yet for {product!r}: nothing to roll back")
@@ -509,6 +519,8 @@ def rollback(registry: Registry, product: str) -> dict[str, Any]:
     if not history:
         raise NoSuchAlias(f"no previous champion for {product!r}: v{current} is the only champion so far")
     target = history[-1]
+    if target == current:  # a history with a repeated version (written before versions were de-duplicated)
+        raise NoSuchAlias(f"nothing to roll back for {product!r}: the previous champion is v{current} itself")
     registry.set_alias(product, CHAMPION, target)
     registry.set_alias(product, PREVIOUS, history[-2] if len(history) > 1 else None)
     registry.set_history(product, history)

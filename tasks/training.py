@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import steps
 from pipeline.config import Params
+from pipeline.locks import product_lock
 from pipeline.registry import Registry
 from pipeline.results import (
     Bank,
@@ -168,7 +169,8 @@ def report(
 @task(name="register model", **PLAIN)
 def register(store: Store, product: str, settings: Params, record: TrainingRecord, validation: Validation) -> dict:
     # No retries: a second attempt after a half-finished registration could create a second version.
-    registered = Registry(settings.mlflow).log_training(product, settings, record)
+    with product_lock(product):  # no promotion or rollback of the product in between
+        registered = Registry(settings.mlflow).log_training(product, settings, record)
     reference = steps.accept_validated_set(
         store,
         validation,

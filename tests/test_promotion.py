@@ -11,7 +11,7 @@ from conftest import REPO, tiny_overrides
 
 from pipeline import promotion, steps
 from pipeline.config import PromotionConfig, load_settings, with_overrides
-from pipeline.registry import NoSuchAlias, Registry, UnknownProduct
+from pipeline.registry import NoSuchAlias, Registry, RegistryError, UnknownProduct
 from pipeline.registry import rollback as registry_rollback
 from pipeline.registry import status as registry_status
 from pipeline.results import Validation
@@ -261,3 +261,53 @@ def test_the_active_profile_changes_the_settings_of_every_entry_point_alike(tmp_
     demo.write_text(text.replace("profile: production", "profile: nightly", 1))
     with pytest.raises(ConfigError, match="profile 'nightly' is not defined.*production, demo"):
         load(demo)
+
+
+def test_two_promotions_at_once_promote_once_and_the_history_never_repeats_a_version(history, env, product):
+    """What flows/promote.py does under the product lock, from two threads at once (the lock is a
+    file lock, so it holds across processes and without a Prefect server as well)."""
+    import threading
+
+    from pipeline.locks import product_lock
+
+    registry, settings = env["registry"], env["settings"]
+    version = register_version(registry, with_overrides(settings, {"pipeline.calibration_fraction": 0.7}), product)
+    outcomes = []
+
+    def promote_once():
+        with product_lock("tiles"):
+            found = promotion.candidates(registry, "tiles")
+            if found["champion"] and found["champion"]["version"] == found["challenger"]["version"]:
+                outcomes.append("unchanged")
+                return
+            outcomes.append(run_gate(registry, settings, product)["outcome"])
+
+    threads = [threading.Thread(target=promote_once) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(outcomes) == ["promoted", "unchanged"]
+    champions = registry.history("tiles")
+    assert champions[-1] == version and all(a != b for a, b in zip(champions, champions[1:]))
+
+
+def test_a_promotion_decided_against_a_stale_champion_changes_nothing(history, env, product):
+    registry, settings = env["registry"], env["settings"]
+    found = promotion.candidates(registry, "tiles")
+    decision = promotion.decide(
+        found["challenger"], {"version": "1"}, {"image_auroc": 1.0}, {"image_auroc": 0.0}, settings.promotion, True
+    )
+    before = registry.aliases("tiles")
+    with pytest.raises(RegistryError, match="the champion changed while this promotion was deciding"):
+        promotion.apply_decision(registry, "tiles", decision, {"eval_set_sha256": "x" * 64, "eval_set": ""}, {})
+    assert registry.aliases("tiles") == before
+
+
+def test_a_rollback_that_would_not_change_the_champion_is_refused(history, env):
+    registry = env["registry"]
+    champion = registry.aliases("tiles")["champion"]
+    registry.client.set_registered_model_tag("patchcore-tiles", "champion_history", f"1,{champion},{champion}")
+    with pytest.raises(NoSuchAlias, match=f"nothing to roll back.*v{champion} itself"):
+        registry_rollback(registry, "tiles")
+    assert registry.aliases("tiles")["champion"] == champion
