@@ -163,6 +163,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ):
     """MLflow's scoring app for `model_uri`, behind the Host check and the Guard."""
+    os.environ["PATCHCORE_SERVING"] = "1"  # before the model loads: `path` inputs off unless roots are named
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri))
     return Guard(app, hosts, allowed_origins, max_body_bytes)
 

@@ -57,9 +57,12 @@ DEFAULT_LIMITS = {
     "max_side_px": 10_000,
     "min_side_px": 16,  # smaller images carry no patch the backbone can use; refused, not called anomalous
 }
-# `path` inputs are off unless the serving machine names the folders they may come from
-# (os.pathsep-separated); then only regular files inside them, after resolving `..` and links.
+# On a model server, `path` inputs are off unless the serving machine names the folders they may come
+# from (os.pathsep-separated); then only regular files inside them, after resolving `..` and links.
+# A Python caller that loads the model in its own process (mlflow.pyfunc.load_model) reads its own
+# files, so there any path goes unless the variable restricts it.
 PATH_ROOTS_ENV = "PATCHCORE_SERVE_PATH_ROOTS"
+SERVING_ENVS = ("PATCHCORE_SERVING", "_MLFLOW_IS_IN_SERVING_ENVIRONMENT")  # ours (deploy/model_server.py), MLflow's
 
 
 class RequestError(ValueError):
@@ -85,7 +88,6 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
                 f"{context.artifacts[ARTIFACT_KEY]}: the saved model has no threshold; register only calibrated models"
             )
         self.limits = DEFAULT_LIMITS | {k: v for k, v in config.items() if k in DEFAULT_LIMITS}
-        self.path_roots = path_roots()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
@@ -99,7 +101,7 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
         scores, maps = [], []
         for start in range(0, len(rows), batch):  # decode one batch at a time, then score it
             images = [
-                decode_row(i, row, self.limits, self.path_roots)
+                decode_row(i, row, self.limits, path_roots())
                 for i, row in enumerate(rows[start : start + batch], start)
             ]
             predictions = self.model.predict(images, maps=return_maps, progress=False)
@@ -119,9 +121,14 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
         return out
 
 
-def path_roots() -> list[Path]:
-    """The folders `path` inputs may come from (PATCHCORE_SERVE_PATH_ROOTS), resolved; [] = paths off."""
-    return [Path(p).resolve() for p in os.environ.get(PATH_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+def path_roots() -> list[Path] | None:
+    """The folders `path` inputs may come from (PATCHCORE_SERVE_PATH_ROOTS), resolved; [] = paths off
+    (a model server without the variable); None = any readable file (the model loaded in the
+    caller's own process, without the variable)."""
+    roots = [Path(p).resolve() for p in os.environ.get(PATH_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    if roots:
+        return roots
+    return [] if any(os.environ.get(name, "").lower() in ("1", "true") for name in SERVING_ENVS) else None
 
 
 def _rows(model_input: Any, max_rows: int) -> list[dict[str, Any]]:
@@ -139,7 +146,7 @@ def _rows(model_input: Any, max_rows: int) -> list[dict[str, Any]]:
     return model_input.to_dict("records")
 
 
-def decode_row(i: int, row: dict[str, Any], limits: dict[str, int], roots: list[Path]) -> Image.Image:
+def decode_row(i: int, row: dict[str, Any], limits: dict[str, int], roots: list[Path] | None) -> Image.Image:
     """One row's image, checked against the limits from its header before it is decoded."""
     data, path = row.get("image"), row.get("path")
     if isinstance(data, (bytes, bytearray, memoryview)) and len(data):
@@ -147,13 +154,13 @@ def decode_row(i: int, row: dict[str, Any], limits: dict[str, int], roots: list[
             raise RequestError(f"row {i}: {len(data)} bytes; at most {limits['max_image_bytes']} per image")
         return _open_checked(i, io.BytesIO(bytes(data)), limits)
     if isinstance(path, str) and path:
-        if not roots:
+        if roots is not None and not roots:
             raise RequestError(f"row {i}: `path` inputs are off on this server; send the image bytes in `image`")
         return _open_checked(i, io.BytesIO(_read_under(i, path, roots, limits["max_image_bytes"])), limits)
-    raise RequestError(f"row {i}: give encoded bytes in `image`" + (" or a file path in `path`" if roots else ""))
+    raise RequestError(f"row {i}: give encoded bytes in `image`" + (" or a file path in `path`" if roots != [] else ""))
 
 
-def _read_under(i: int, path: str, roots: list[Path], max_bytes: int) -> bytes:
+def _read_under(i: int, path: str, roots: list[Path] | None, max_bytes: int) -> bytes:
     """A regular file's bytes, only when its resolved path lies under one of `roots`. The same
     answer for a missing file and one outside the roots (no probing of what exists), and no
     blocking on FIFOs or devices (the type is checked before the file is opened)."""
@@ -162,7 +169,7 @@ def _read_under(i: int, path: str, roots: list[Path], max_bytes: int) -> bytes:
         resolved = Path(path).resolve(strict=True)
     except (OSError, RuntimeError):
         raise refused from None
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         raise refused
     try:
         info = os.stat(resolved)
