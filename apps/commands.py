@@ -421,4 +421,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         if "champion" not in entry["aliases"]:
             print(f"  no champion yet: `patchcore promote --product {product}`")
+        if entry.get("incomplete_registrations"):
+            versions = ", v".join(entry["incomplete_registrations"])
+            print(
+                f"  incomplete registrations (a registering process died): v{versions} (marked orphaned by "
+                "the next training or promotion; never promoted)"
+            )
     return 0

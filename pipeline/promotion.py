@@ -33,7 +33,9 @@ from pipeline.store import Store
 
 
 def candidates(registry: Registry, product: str) -> dict[str, Any]:
-    """The challenger and champion versions (champion None for a product's first model)."""
+    """The challenger and champion versions (champion None for a product's first model), after
+    cleaning up registrations that died half-way (the promotion flow holds the product's lock)."""
+    registry.reconcile(product)
     challenger = registry.version(product, CHALLENGER)
     try:
         champion = registry.version(product, CHAMPION)

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 RANDOM_WEIGHTS_TAG = "RANDOM (not for production)"
+REGISTRATION_TAG, STARTED, COMPLETE, ORPHANED = "registration", "started", "complete", "orphaned"
 HISTORY_TAG = "champion_history"  # registered-model tag: versions that were champion, oldest first
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # The tags a registered version carries besides threshold, held-out FPR, run, training key and metrics.
@@ -191,13 +192,45 @@ class Registry:
             name, artifact_location=location, tags={"product": product, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
 
+    def incomplete(self, product: str) -> list:
+        """Versions whose registration started and never finished (the process died half-way)."""
+        if not self.client.search_registered_models(f"name = '{self.model_name(product)}'"):
+            return []
+        versions = self.client.search_model_versions(f"name = '{self.model_name(product)}'")
+        return sorted((mv for mv in versions if not is_complete(mv)), key=lambda mv: int(mv.version))
+
+    def reconcile(self, product: str) -> dict[str, list[str]]:
+        """Clean up after a registration that died half-way (kill -9, a crash): each such version is
+        tagged `registration=orphaned` and loses the challenger alias, and the training runs left
+        RUNNING are ended as FAILED. Call it holding the product's lock (pipeline/locks.py), where
+        no other registration can be under way: training's registration and the promotion flow do."""
+        done: dict[str, list[str]] = {"versions": [], "runs": []}
+        name = self.model_name(product)
+        experiment = self.client.get_experiment_by_name(name)
+        for mv in self.incomplete(product):
+            if mv.tags.get(REGISTRATION_TAG) == ORPHANED:
+                continue
+            self.tag_version(product, mv.version, {REGISTRATION_TAG: ORPHANED})
+            if self.aliases(product).get(CHALLENGER) == str(mv.version):
+                self.set_alias(product, CHALLENGER, None)
+            done["versions"].append(str(mv.version))
+            logger.warning("%s v%s: its registration never finished; marked orphaned", name, mv.version)
+        if experiment is not None:
+            for run in self.client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'"):
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                done["runs"].append(run.info.run_id)
+                logger.warning(
+                    "%s: run %s was left RUNNING by a stopped process: ended as FAILED", name, run.info.run_id
+                )
+        return done
+
     def find_training(self, product: str, training_key: str):
         """The registered version whose training had exactly this key (same images, split, bank,
         evaluation and threshold), or None."""
         if not training_key or not self.client.search_registered_models(f"name = '{self.model_name(product)}'"):
             return None
         versions = self.client.search_model_versions(f"name = '{self.model_name(product)}'")
-        same = [mv for mv in versions if mv.tags.get("training_key") == training_key]
+        same = [mv for mv in versions if mv.tags.get("training_key") == training_key and is_complete(mv)]
         return max(same, key=lambda mv: int(mv.version)) if same else None
 
     # versions and aliases
@@ -283,6 +316,7 @@ class Registry:
         succeeded: a failure before registration leaves a FAILED run and no version."""
         record = training.to_dict()
         name = self.model_name(product)
+        self.reconcile(product)
         existing = self.find_training(product, training.training_key)
         if existing is not None:  # nothing changed since that version: register nothing new
             return {
@@ -363,6 +397,7 @@ class Registry:
                 "run_id": run.info.run_id,
                 "training_key": training.training_key,
                 "model_sha256": digest,
+                REGISTRATION_TAG: STARTED,  # "complete" is the very last step (see reconcile)
             }
             version_tags |= {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if k in metrics}
             version = mlflow.register_model(
@@ -388,6 +423,7 @@ class Registry:
                 "random_weights": is_random,
             }
             mlflow.set_tag("mlflow.note.content", summary_markdown(training, registered))
+        self.tag_version(product, version.version, {REGISTRATION_TAG: COMPLETE})
         return registered
 
     def _log_pyfunc(
@@ -421,6 +457,11 @@ class Registry:
                     "weights": tags["weights"],
                 },
             )
+
+
+def is_complete(version) -> bool:
+    """Whether a version's registration finished (versions from before the tag existed count as complete)."""
+    return version.tags.get(REGISTRATION_TAG, COMPLETE) == COMPLETE
 
 
 def serving_limits(params: Params) -> dict[str, int]:
@@ -570,6 +611,7 @@ def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
             f"name = '{model.name}'", max_results=1, order_by=["version_number DESC"]
         )
         entry["latest_version"] = str(latest[0].version) if latest else None
+        entry["incomplete_registrations"] = [str(mv.version) for mv in registry.incomplete(name)]
         out["products"][name] = entry
     return out
 

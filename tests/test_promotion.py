@@ -311,3 +311,46 @@ def test_a_rollback_that_would_not_change_the_champion_is_refused(history, env):
     with pytest.raises(NoSuchAlias, match=f"nothing to roll back.*v{champion} itself"):
         registry_rollback(registry, "tiles")
     assert registry.aliases("tiles")["champion"] == champion
+
+
+def test_a_registration_killed_half_way_is_seen_as_incomplete_and_cleaned_up_by_the_next_one(env, product):
+    """kill -9 (os._exit) right after MLflow created the version, before the alias, the description
+    and the completion tag: the version shows as incomplete in `status`, the next registration marks
+    it orphaned and ends its RUNNING run as FAILED, and registers the same training anew."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.registry import status as registry_status
+
+    registry, settings = env["registry"], env["settings"]
+    data = env["root"] / "killed" / "tiles"
+    shutil.copytree(product, data)
+    (data / "train" / "good" / "000.png").unlink()  # a training no earlier test registered
+    paths = [str(REPO / "tests"), str(REPO)]
+    code = f"""
+import os, sys
+sys.path[:0] = {paths!r}
+from test_promotion import TINY, register_version
+from pipeline.config import load_settings
+from pipeline.registry import Registry
+settings = load_settings(None, TINY | {{"promotion.min_metric": 0.0, "promotion.max_heldout_fpr": 1.0}})
+registry = Registry(settings.mlflow)
+Registry.set_alias = lambda *a, **k: os._exit(9)  # the process dies right after register_model
+register_version(registry, settings, {data.as_posix()!r})
+"""
+    environment = {**os.environ, "PATCHCORE_HOME": str(env["root"] / "home")}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    died = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    report = registry_status(registry, "tiles")["products"]["tiles"]
+    orphan = report["incomplete_registrations"][-1]
+    run_id = registry.client.get_model_version("patchcore-tiles", orphan).run_id
+    assert registry.client.get_run(run_id).info.status == "RUNNING"
+
+    again = register_version(registry, settings, data)
+    assert again != orphan  # the same training registered anew, not the orphan reused
+    tags = registry.client.get_model_version("patchcore-tiles", orphan).tags
+    assert tags["registration"] == "orphaned" and registry.client.get_run(run_id).info.status == "FAILED"
+    assert registry.client.get_model_version("patchcore-tiles", again).tags["registration"] == "complete"
+    assert orphan in registry_status(registry, "tiles")["products"]["tiles"]["incomplete_registrations"]
