@@ -29,10 +29,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from patchcore.atomic import atomic_file
 from patchcore.cli import cmd_evaluate as library_evaluate
-from patchcore.config import PRODUCTION, ConfigError, default_params_path, env_weights, load_params, parse_overrides
+from patchcore.config import (
+    PRODUCTION,
+    ConfigError,
+    apply_profile,
+    default_params_path,
+    env_weights,
+    load_params,
+    parse_overrides,
+)
 from pipeline.config import Params, load_settings
+from pipeline.locks import LockTimeout
 from pipeline.registry import Registry, RegistryError, rollback, status
 from pipeline.store import Store
 from pipeline.watching import heartbeat
@@ -187,7 +198,7 @@ def _user_errors(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except RegistryError as exc:
+        except (RegistryError, LockTimeout) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
@@ -379,11 +390,14 @@ def set_profile(path: Path, name: str) -> None:
         known = ", ".join([PRODUCTION, *sorted(raw.get("profiles") or {})])
         raise ConfigError(f"{path}: no profile {name!r} under profiles: (known: {known})")
     text = path.read_text()
-    line = re.compile(r"^profile:[^\n#]*", re.MULTILINE)
+    line = re.compile(r"^profile:[ \t]*[^\s#]*", re.MULTILINE)
     text = line.sub(f"profile: {name}", text, count=1) if line.search(text) else f"profile: {name}\n" + text
+    check = yaml.safe_load(text)  # the new file must load, with this profile, before it replaces the old one
+    if not isinstance(check, dict) or (check.get("profile") or PRODUCTION) != name:
+        raise ConfigError(f"{path}: could not set `profile: {name}` (edit the file by hand)")
+    Params.from_dict(apply_profile(check))
     with atomic_file(path, "w") as handle:
         handle.write(text)
-    load_settings(path)  # the file still loads (a broken profile is named now, not at the next run)
 
 
 @_user_errors
@@ -413,10 +427,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  {alias:<10} -")
                 continue
             shown = "  ".join(f"{k} {v:.4f}" for k, v in info["metrics"].items() if v is not None)
-            fpr = info["heldout_fpr"]
+            fpr, threshold = info["heldout_fpr"], info["threshold"]
             print(
                 f"  {alias:<10} v{info['version']:<4} {shown or 'no labelled metrics'}  threshold "
-                f"{info['threshold']:.6g} ({info['threshold_rule']})  held-out FPR "
+                f"{'-' if threshold is None else format(threshold, '.6g')} ({info['threshold_rule']})  held-out FPR "
                 f"{'-' if fpr is None else f'{fpr:.3f}'}  data {info['data_version']}  weights {info['weights']}"
             )
         if "champion" not in entry["aliases"]:
@@ -424,7 +438,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if entry.get("incomplete_registrations"):
             versions = ", v".join(entry["incomplete_registrations"])
             print(
-                f"  incomplete registrations (a registering process died): v{versions} (marked orphaned by "
-                "the next training or promotion; never promoted)"
+                f"  incomplete registrations (a registering process died): v{versions} (tagged orphaned by the "
+                "next training or promotion if not already; never promoted)"
             )
     return 0

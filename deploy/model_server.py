@@ -48,8 +48,9 @@ def clean_error(body: bytes) -> bytes:
     message = str(data.get("message") or "")
     if MODEL_ERROR_MARK in message:
         message = message.split(MODEL_ERROR_MARK, 1)[1]
-    elif "stack_trace" in data or "unexpected error" in message:
+    elif "stack_trace" in data or "unexpected error" in message or "Input:" in message:
         message = "the request could not be scored: send a JSON body with `dataframe_records` rows of `image` bytes"
+    message = message.split("\nInput:", 1)[0].strip()[:500] or "the request could not be scored"
     return json.dumps({"error_code": data.get("error_code", "BAD_REQUEST"), "message": message.strip()}).encode()
 
 

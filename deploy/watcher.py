@@ -73,7 +73,7 @@ class _Wake(FileSystemEventHandler):
         self.wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type != "opened":  # reading a file (the training does) is no change
+        if event.event_type not in ("opened", "closed_no_write"):  # reading a file (the training does) is no change
             self.wake.set()
 
 
@@ -106,32 +106,47 @@ class Watcher:
         now = time.time() if now is None else now
         fired = []
         for product in self.products:
-            folder = self.data_root / product
-            if not folder.is_dir():
-                continue
-            state = self.states.get(product)
-            if state is None:
-                path = state_path(product)
-                state = WatchState.from_dict(json.loads(path.read_text()) if path.is_file() else None)
-            snapshot = Snapshot.of(folder)
-            new, fire = observe(state, snapshot, now, self.settle_seconds, fire_on_first_look=True)
-            if fire:
-                self.emit(product, folder, snapshot)
-                logger.info(
-                    "%s: %d files settled for %.0f s -> %s",
-                    product,
-                    snapshot.n_files,
-                    self.settle_seconds,
-                    EVENT_DATA_SETTLED,
-                )
-                fired.append(product)
-            if new != state:
-                write_json(state_path(product), new.to_dict())
-            self.states[product] = new
+            try:
+                if self._look_at(product, now):
+                    fired.append(product)
+            except Exception as exc:  # one product's problem never stops the watching of the others
+                logger.error("%s: look failed (%s: %s); next look in a moment", product, type(exc).__name__, exc)
         self.looks += 1
         self.fired += len(fired)
-        self._beat(now)
+        try:
+            self._beat(now)
+        except OSError as exc:
+            logger.error("heartbeat not written: %s", exc)
         return fired
+
+    def _look_at(self, product: str, now: float) -> bool:
+        """One product's look: whether it fired."""
+        folder = self.data_root / product
+        if not folder.is_dir():
+            return False
+        state = self.states.get(product)
+        if state is None:
+            path = state_path(product)
+            try:
+                state = WatchState.from_dict(json.loads(path.read_text()) if path.is_file() else None)
+            except (ValueError, TypeError) as exc:  # a damaged state file: start a new baseline
+                logger.warning("%s: %s unreadable (%s); starting a new baseline", product, path, exc)
+                state = WatchState()
+        snapshot = Snapshot.of(folder)
+        new, fire = observe(state, snapshot, now, self.settle_seconds, fire_on_first_look=True)
+        if fire:
+            self.emit(product, folder, snapshot)
+            logger.info(
+                "%s: %d files settled for %.0f s -> %s",
+                product,
+                snapshot.n_files,
+                self.settle_seconds,
+                EVENT_DATA_SETTLED,
+            )
+        if new != state:
+            write_json(state_path(product), new.to_dict())
+        self.states[product] = new
+        return fire
 
     def unsettled(self) -> bool:
         return any(s.last is not None and s.last != s.fired_for for s in self.states.values())

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.promote import promote
 from flows.train import train
 from pipeline.config import load_settings
+from pipeline.locks import product_lock
 from tasks import operations as t
 from tasks.concurrency import training_slot
 
@@ -54,13 +55,17 @@ def retrain(
                 "message": check["message"],
                 "md5": check["md5"],
             }
-        versioned = t.version_data(data, product)
-        try:
-            trained = train(product, data, params_path, overrides)
-        except BaseException:
-            t.revert_data_version(versioned)  # a failed run leaves no changed .dvc file and no commit
-            raise
-        commit = t.commit_data_version(versioned, product) if ops.git_commit_data else None
+        # One .dvc file (data.dvc) holds every product's data: versioning, training and the commit or
+        # revert run under one repository-wide lock, so two products' retrains cannot commit or put
+        # back each other's data versions (they queue here; each product's own slot is above).
+        with product_lock("data", "dvc", timeout_s=None):
+            versioned = t.version_data(data, product)
+            try:
+                trained = train(product, data, params_path, overrides)
+            except BaseException:
+                t.revert_data_version(versioned)  # a failed run leaves no changed .dvc file and no commit
+                raise
+            commit = t.commit_data_version(versioned, product) if ops.git_commit_data else None
         decision = (
             promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
             if ops.promote_after_training

@@ -26,21 +26,21 @@ class LockTimeout(TimeoutError):
 
 
 @contextlib.contextmanager
-def product_lock(product: str, what: str = "registry", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[None]:
-    """Hold the product's `what` lock (waiting up to `timeout_s`); released on exit, and by the
-    kernel when the process dies, so a killed holder never leaves it taken."""
+def product_lock(product: str, what: str = "registry", timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Iterator[None]:
+    """Hold the product's `what` lock (waiting up to `timeout_s`, None: as long as it takes);
+    released on exit, and by the kernel when the process dies, so a killed holder never leaves it taken."""
     folder = home() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{what}-{product}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if deadline is not None and time.monotonic() >= deadline:
                     raise LockTimeout(
                         f"{path}: held by another process for more than {timeout_s:.0f} s (a {what} of {product!r} "
                         "is running; wait for it, or check for a hung process)"

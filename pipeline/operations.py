@@ -39,6 +39,11 @@ def new_data(product: str, product_dir: str | Path, mlflow_cfg: MlflowConfig) ->
         except RegistryError:  # no registered model or no such alias yet
             recorded[alias] = None
             continue
+        if alias == "challenger" and not mv.tags.get("promotion"):
+            # A challenger that never went through the gate (its retrain stopped after training) does
+            # not count as seen: the next retrain trains (unchanged: the same version) and gates it.
+            recorded[alias] = None
+            continue
         recorded[alias] = mv.tags.get("data.md5") or mv.tags.get("data_version")
         recorded[f"{alias}_version"] = str(mv.version)
     same_as = [alias for alias in ("champion", "challenger") if recorded.get(alias) == md5]
@@ -118,8 +123,14 @@ def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
     staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root, timeout=60)
     if staged.returncode != 1:
         return None
+    # A service account without a git identity still commits (as "patchcore"), its own being kept when set.
+    identity = (
+        []
+        if git(root, "config", "user.email")
+        else ["-c", "user.name=patchcore", "-c", "user.email=patchcore@localhost"]
+    )
     commit = subprocess.run(
-        ["git", "commit", "-m", f"data: {product} {versioned['md5']} (retrain)", "--", *paths],
+        ["git", *identity, "commit", "-m", f"data: {product} {versioned['md5']} (retrain)", "--", *paths],
         cwd=root,
         capture_output=True,
         text=True,

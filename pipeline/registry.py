@@ -319,6 +319,8 @@ class Registry:
         self.reconcile(product)
         existing = self.find_training(product, training.training_key)
         if existing is not None:  # nothing changed since that version: register nothing new
+            if self.aliases(product).get(CHAMPION) != str(existing.version):
+                self.set_alias(product, CHALLENGER, existing.version)  # it is what the next promotion weighs
             return {
                 "name": name,
                 "version": str(existing.version),

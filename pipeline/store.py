@@ -49,7 +49,9 @@ class Store:
     """Content-addressed outputs under one root (a local folder or an fsspec URL)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        text = str(root) if root is not None else str(home())
+        text = str(root).strip() if root is not None and str(root).strip() else str(home())
+        if "://" in text:
+            text = text.rstrip("/")  # s3://b/p and s3://b/p/ are one store
         self.url = text
         self.is_local = "://" not in text
         if self.is_local:

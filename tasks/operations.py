@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
 from prefect import task
@@ -27,7 +28,11 @@ def version_data(data: str, product: str) -> dict[str, Any]:
 
 @task(name="commit data version", **PLAIN)
 def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
-    commit = operations.commit_data_version(versioned, product)
+    try:
+        commit = operations.commit_data_version(versioned, product)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # the model is registered: carry on
+        print(f"WARNING: {versioned['dvc_file']} could not be committed ({exc}); commit it by hand")
+        return None
     print(f"committed {versioned['dvc_file']}: {commit[:12]}" if commit else "nothing to commit")
     return commit
 

@@ -169,7 +169,7 @@ def report(
 @task(name="register model", **PLAIN)
 def register(store: Store, product: str, settings: Params, record: TrainingRecord, validation: Validation) -> dict:
     # No retries: a second attempt after a half-finished registration could create a second version.
-    with product_lock(product):  # no promotion or rollback of the product in between
+    with product_lock(product, timeout_s=None):  # no promotion or rollback in between; never give up a training
         registered = Registry(settings.mlflow).log_training(product, settings, record)
     reference = steps.accept_validated_set(
         store,

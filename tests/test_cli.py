@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from apps.cli import main as app_main
 from patchcore import PatchCore
@@ -157,3 +158,17 @@ def test_set_values_are_read_as_yaml_and_a_missing_equals_sign_is_named():
     assert parse_overrides(None) == {}
     with pytest.raises(ConfigError, match="--set expects KEY=VALUE, got 'scoring.k'"):
         parse_overrides(["scoring.k"])
+
+
+def test_switching_the_profile_keeps_comments_and_the_file_mode_and_never_writes_a_broken_file(tmp_path):
+    import os
+    import stat
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("profile: production", "profile: production  # note"))
+    os.chmod(params, 0o644)
+    assert app_main(["profile", "demo", "--params", str(params)]) == 0
+    assert "profile: demo  # note" in params.read_text() and stat.S_IMODE(params.stat().st_mode) == 0o644
+    before = params.read_text()
+    assert app_main(["profile", "nightly", "--params", str(params)]) == 2  # unknown: nothing written
+    assert params.read_text() == before

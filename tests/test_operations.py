@@ -361,3 +361,25 @@ def test_inspect_flow_scores_a_folder_with_the_champion_and_shows_progress(first
     assert (out / "scores.csv").read_text().splitlines()[0] == "path,score,is_anomalous,threshold"
     assert len(list((out / "heatmaps").glob("*.png"))) == 6
     assert "6/6" in capfd.readouterr().err  # the tqdm progress bar
+
+
+def test_a_damaged_watch_state_starts_a_new_baseline_instead_of_stopping_the_watcher(tmp_path, monkeypatch):
+    from deploy.watcher import Watcher
+    from pipeline.watching import state_path
+
+    monkeypatch.setenv("PATCHCORE_HOME", str(tmp_path / "home"))
+    (tmp_path / "data" / "tiles" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "data" / "tiles" / "train" / "good" / "000.png").write_bytes(b"x")
+    state_path("tiles").parent.mkdir(parents=True)
+    state_path("tiles").write_text("{not json")
+    emitted = []
+    watcher = Watcher(
+        ["tiles", "missing"],
+        tmp_path / "data",
+        0.0,
+        1.0,
+        mode="poll",
+        emit=lambda *a: emitted.append(a[0]),
+        heartbeat=None,
+    )
+    assert watcher.look() == ["tiles"] and emitted == ["tiles"]

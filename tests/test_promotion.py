@@ -147,6 +147,8 @@ def test_an_unchanged_training_registers_no_new_version(history, env, product):
     again = register_version(registry, env["settings"], product)  # what "better" was trained on
     assert again == history["better"]["version"]
     assert len(registry.client.search_model_versions("name = 'patchcore-tiles'")) == before
+    # ... and it is the challenger again (what the next promotion weighs), the champion untouched
+    assert registry.aliases("tiles")["challenger"] == again != registry.aliases("tiles")["champion"]
 
 
 def test_every_decision_is_an_mlflow_run(history, env):
@@ -159,10 +161,11 @@ def test_every_decision_is_an_mlflow_run(history, env):
 def test_rollback_walks_back_through_previous_champions(history, env):
     registry = env["registry"]
     first, better, equal = (history[k]["version"] for k in ("first", "better", "equal"))
+    challenger = registry.aliases("tiles")["challenger"]  # a rollback leaves the challenger alone
     assert registry_rollback(registry, "tiles")["aliases"] | {} == {
         "champion": better,
         "previous": first,
-        "challenger": history["worse"]["version"],
+        "challenger": challenger,
     }
     assert registry.client.get_model_version("patchcore-tiles", equal).tags["rolled_back_to"] == better
     assert registry_rollback(registry, "tiles")["to_version"] == first
@@ -177,7 +180,9 @@ def test_status_reports_aliases_numbers_and_the_tracking_uri(history, env):
     tiles = report["products"]["tiles"]
     assert set(tiles["aliases"]) >= {"champion", "challenger"}
     challenger = tiles["aliases"]["challenger"]
-    assert challenger["version"] == history["worse"]["version"] and challenger["threshold"] is not None
+    assert (
+        challenger["version"] == env["registry"].aliases("tiles")["challenger"] and challenger["threshold"] is not None
+    )
     assert challenger["data_version"].endswith(".dir") and challenger["weights"] == "RANDOM (not for production)"
     with pytest.raises(UnknownProduct, match="unknown product 'bolts'"):
         registry_status(env["registry"], "bolts")

@@ -281,3 +281,15 @@ def test_a_model_json_edited_after_registration_is_refused_when_loaded_or_served
             PatchCore.load(folder, digest=version.tags["model_sha256"])
         with pytest.raises(Exception, match="differs from the model that was registered"):
             mlflow.pyfunc.load_model(str(copy))
+
+
+def test_an_error_answer_never_echoes_the_request():
+    from deploy.model_server import clean_error
+
+    echoed = json.dumps({"error_code": "BAD_REQUEST", "message": "Invalid input. Ensure ...\nInput: \n" + "A" * 5000})
+    cleaned = json.loads(clean_error(echoed.encode()))
+    assert "AAAA" not in cleaned["message"] and len(cleaned["message"]) < 200
+    model = json.dumps(
+        {"error_code": "INVALID_PARAMETER_VALUE", "message": "Failed to predict data 'xyz'. \nError: row 3: bad"}
+    )
+    assert json.loads(clean_error(model.encode()))["message"] == "row 3: bad"

@@ -138,3 +138,8 @@ def test_step_results_round_trip_through_json():
         assert again == result
     with pytest.raises(Exception):  # frozen: a step cannot change an earlier step's result
         results[0].n_train = 4  # type: ignore[misc]
+
+
+def test_a_store_url_is_one_store_with_or_without_a_trailing_slash_and_an_empty_root_is_home(home):
+    assert Store("memory://bucket/prefix/") == Store("memory://bucket/prefix")
+    assert Store("").local_root == Store(None).local_root == home.resolve()

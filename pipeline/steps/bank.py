@@ -137,9 +137,10 @@ def build_memory_bank(
         )
         with store.directory("banks", key) as folder:
             model.save(folder)
-    meta = read_model_json(store.fetch("banks", key))
+    folder = store.fetch("banks", key)  # (a URL store: downloaded into the local mirror)
+    meta = read_model_json(folder)
     return Bank(
-        bank_dir=str(store.path("banks", key)),
+        bank_dir=str(folder),
         bank_key=key,
         bank_size=meta["memory_bank"]["size"],
         n_train_patches=meta["memory_bank"]["train_patches"],

@@ -138,7 +138,7 @@ def calibrate(
             model.save(folder)
     calibration_file = store.write_json("models", product, f"{key}-calibration.json", data=calibration)
     return Calibration(
-        model_dir=str(store.path("models", product, key)),
+        model_dir=str(store.fetch("models", product, key)),
         model_key=key,
         calibration=calibration,
         calibration_file=str(calibration_file),

@@ -103,7 +103,7 @@ def evaluate_bank(store: Store, manifest: Manifest, split: Split, bank: Bank) ->
             (folder / "evaluation.json").write_text(dumps(result))
     data = store.read_json("evaluations", key, "evaluation.json")
     return Evaluation(
-        evaluation_dir=str(store.path("evaluations", key)),
+        evaluation_dir=str(store.fetch("evaluations", key)),
         mode=data["mode"],
         metrics=data["metrics"],
         per_defect_type=data["per_defect_type"],
