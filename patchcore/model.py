@@ -402,10 +402,11 @@ class PatchCore:
         this machine (its sha256 must match the recorded one); `device` overrides runtime.device."""
         directory = Path(directory)
         meta = read_model_json(directory)
-        if digest is not None and model_digest(directory) != digest:
+        actual = model_digest(directory) if digest is not None else None
+        if digest is not None and actual != digest:
             raise ModelFileError(
                 f"{directory / MODEL_JSON}: differs from the model that was registered (sha256 "
-                f"{model_digest(directory)[:16]}..., recorded {digest[:16]}...): its threshold, calibration, settings "
+                f"{actual[:16]}..., recorded {digest[:16]}...): its threshold, calibration, settings "
                 "or provenance were edited or corrupted; re-register the model instead of editing it"
             )
         for name, expected in meta["files"].items():

@@ -99,10 +99,10 @@ class PatchCorePyfunc(mlflow.pyfunc.PythonModel):
         rows = _rows(model_input, self.limits["max_rows"])
         batch = max(1, self.model.config.runtime.batch_size)
         scores, maps = [], []
+        roots = path_roots()
         for start in range(0, len(rows), batch):  # decode one batch at a time, then score it
             images = [
-                decode_row(i, row, self.limits, path_roots())
-                for i, row in enumerate(rows[start : start + batch], start)
+                decode_row(i, row, self.limits, roots) for i, row in enumerate(rows[start : start + batch], start)
             ]
             predictions = self.model.predict(images, maps=return_maps, progress=False)
             scores.append(predictions.scores.astype(np.float64))

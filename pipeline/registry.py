@@ -34,6 +34,7 @@ from mlflow.tracking.context import registry as context_registry
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from patchcore.atomic import atomic_directory
 from patchcore.digest import model_digest
 from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
@@ -192,12 +193,16 @@ class Registry:
             name, artifact_location=location, tags={"product": product, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         )
 
+    def _versions(self, product: str) -> list:
+        """Every version of the product's registered model ([] before its first registration)."""
+        name = self.model_name(product)
+        if not self.client.search_registered_models(f"name = '{name}'"):
+            return []
+        return self.client.search_model_versions(f"name = '{name}'")
+
     def incomplete(self, product: str) -> list:
         """Versions whose registration started and never finished (the process died half-way)."""
-        if not self.client.search_registered_models(f"name = '{self.model_name(product)}'"):
-            return []
-        versions = self.client.search_model_versions(f"name = '{self.model_name(product)}'")
-        return sorted((mv for mv in versions if not is_complete(mv)), key=lambda mv: int(mv.version))
+        return sorted((mv for mv in self._versions(product) if not is_complete(mv)), key=lambda mv: int(mv.version))
 
     def reconcile(self, product: str) -> dict[str, list[str]]:
         """Clean up after a registration that died half-way (kill -9, a crash): each such version is
@@ -227,9 +232,9 @@ class Registry:
     def find_training(self, product: str, training_key: str):
         """The registered version whose training had exactly this key (same images, split, bank,
         evaluation and threshold), or None."""
-        if not training_key or not self.client.search_registered_models(f"name = '{self.model_name(product)}'"):
+        if not training_key:
             return None
-        versions = self.client.search_model_versions(f"name = '{self.model_name(product)}'")
+        versions = self._versions(product)
         same = [mv for mv in versions if mv.tags.get("training_key") == training_key and is_complete(mv)]
         return max(same, key=lambda mv: int(mv.version)) if same else None
 
@@ -278,34 +283,29 @@ class Registry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.model_name(product), str(version), key, _tag_value(value))
 
-    def version_key(self, product: str, version: str) -> str:
+    def version_key(self, product: str, version: str, mv=None) -> str:
         """A version number plus its run: stays unique if a store is deleted and numbering restarts."""
-        mv = self.client.get_model_version(self.model_name(product), str(version))
+        mv = mv or self.client.get_model_version(self.model_name(product), str(version))
         return f"v{version}-{(mv.run_id or 'norun')[:12]}"
 
     def download(self, product: str, version: str) -> Path:
-        """The PatchCore directory of a registered version (cached: versions are immutable)."""
+        """The PatchCore directory of a registered version (cached: versions are immutable), checked
+        against the model digest recorded at registration."""
         name = self.model_name(product)
-        target = home() / "registry-cache" / name / self.version_key(product, version)
+        mv = self.client.get_model_version(name, str(version))
+        target = home() / "registry-cache" / name / self.version_key(product, version, mv)
         if not (target / "MLmodel").is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-            try:
+            with atomic_directory(target) as tmp:
                 mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-                if target.exists():
-                    shutil.rmtree(target)
-                tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         mlmodel = yaml.safe_load((target / "MLmodel").read_text())
         relative = mlmodel["flavors"]["python_function"]["artifacts"][MODEL_ARTIFACT]["path"]
-        recorded = self.client.get_model_version(name, str(version)).tags.get("model_sha256")
-        if recorded and model_digest(target / relative) != recorded:
+        recorded = mv.tags.get("model_sha256")
+        actual = model_digest(target / relative) if recorded else None
+        if recorded and actual != recorded:
             raise RegistryError(
                 f"{name} v{version}: the downloaded model differs from the registered one (model.json sha256 "
-                f"{model_digest(target / relative)[:16]}..., recorded {recorded[:16]}...): edited or corrupted in the "
-                f"artifact store or in {target}; delete that folder to download it again, or re-register"
+                f"{actual[:16]}..., recorded {recorded[:16]}...): edited or corrupted in the artifact store or in "
+                f"{target}; delete that folder to download it again, or re-register"
             )
         return target / relative
 
