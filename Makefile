@@ -78,50 +78,30 @@ bench: install
 clean:
 	rm -rf $(PATCHCORE_HOME) .pytest_cache
 
-# -- operations (issue #5): `make serve` starts a Prefect server, an MLflow server and the
-# deployments (deploy/serve.py), all on 127.0.0.1, in the background; `make stop` stops them.
-# Logs and pid files: $(PATCHCORE_HOME)/run/. The tracking store is the pipeline's default SQLite
-# file, so `patchcore` commands and the servers see the same runs and models.
+# -- operations: `make serve` starts a Prefect server, an MLflow tracking server and the deployments
+# (deploy/serve.py), all on 127.0.0.1 and with authentication, in the background (deploy/servers.py);
+# `make stop` stops exactly what it started. Credentials: $(PATCHCORE_HOME)/run/credentials.env
+# (generated once, mode 0600); logs and pid files: $(PATCHCORE_HOME)/run/. The MLflow server keeps
+# the pipeline's SQLite store (the one `make demo` filled), and every client of `make serve` (the
+# deployments, `make env` shells, the model server) talks to it over HTTP as its MLflow account.
 SERVE_ARGS ?=
 RUN_DIR := $(PATCHCORE_HOME)/run
 MLFLOW_DB := $(PATCHCORE_HOME)/mlflow/mlflow.db
+SERVERS := $(PY) -m deploy.servers --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
 .PHONY: serve stop
 serve: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
-serve: export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
-serve: export PREFECT_UI_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
-# Concurrency leases on disk, not in the server's memory: they survive a restart of the server.
-serve: export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE := prefect.server.concurrency.lease_storage.filesystem
-serve: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
-serve: export PATH := $(abspath $(VENV))/bin:$(PATH)
 serve: install
-	@mkdir -p $(RUN_DIR) $(PATCHCORE_HOME)/mlflow/artifacts
-	@if [ -f $(RUN_DIR)/prefect.pid ] && kill -0 $$(cat $(RUN_DIR)/prefect.pid) 2>/dev/null; then \
-	    echo "already running (make stop first)"; exit 1; fi
-	setsid $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > $(RUN_DIR)/prefect.log 2>&1 & echo $$! > $(RUN_DIR)/prefect.pid
-	setsid $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
-	    --backend-store-uri sqlite:///$(MLFLOW_DB) --default-artifact-root $(PATCHCORE_HOME)/mlflow/artifacts \
-	    > $(RUN_DIR)/mlflow.log 2>&1 & echo $$! > $(RUN_DIR)/mlflow.pid
-	@for i in $$(seq 60); do curl -sf $(PREFECT_API_URL)/health >/dev/null && break; sleep 1; done; \
-	    curl -sf $(PREFECT_API_URL)/health >/dev/null || { echo "Prefect server did not start: $(RUN_DIR)/prefect.log"; exit 1; }
-	setsid $(PY) -m deploy.serve $(SERVE_ARGS) > $(RUN_DIR)/deployments.log 2>&1 & echo $$! > $(RUN_DIR)/deployments.pid
-	@echo "Prefect UI   http://127.0.0.1:$(PREFECT_PORT)"
-	@echo "MLflow UI    http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning  (store sqlite:///$(MLFLOW_DB))"
-	@echo "logs         $(RUN_DIR)/{prefect,mlflow,deployments}.log; stop with: make stop"
-	@echo 'other shell  source .venv/bin/activate; eval "$$(make -s env PREFECT_PORT=$(PREFECT_PORT))"'
+	$(SERVERS) up -- $(SERVE_ARGS)
 
-# The environment of `make serve`'s servers, for another shell: eval "$(make -s env)".
+# The environment of `make serve`'s servers for another shell: eval "$(make -s env)" (addresses, and
+# the credentials sourced from their 0600 file, never printed).
 .PHONY: env
 env:
-	@echo "export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api"
-	@echo "export MLFLOW_TRACKING_URI=sqlite:///$(MLFLOW_DB)"
-	@echo "export PATCHCORE_HOME=$(PATCHCORE_HOME)"
+	@$(SERVERS) env
 
-# Stops what `make serve` started: each recorded process group, by its pid file.
+# Stops what `make serve` (and `make serve-model`) started: each recorded process group, by its pid file.
 stop:
-	@for name in model deployments mlflow prefect; do f=$(RUN_DIR)/$$name.pid; \
-	    if [ -f $$f ]; then pid=$$(cat $$f); kill -TERM -- -$$pid 2>/dev/null && echo "stopped $$name ($$pid)"; \
-	    for i in $$(seq 20); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
-	    kill -KILL -- -$$pid 2>/dev/null; rm -f $$f; fi; done
+	@$(SERVERS) down
 
 # Restart the model server so it resolves @champion again (aliases are resolved when it starts).
 # deploy/model_server.py: MLflow's scoring app behind a guard (Host, Origin, content type, body size,
@@ -129,7 +109,8 @@ stop:
 SERVE_MODEL_PORT ?= 5001
 MODEL_SERVER_ARGS ?=
 .PHONY: serve-model
-serve-model: export MLFLOW_TRACKING_URI := sqlite:///$(MLFLOW_DB)
+# With `make serve` running it reads the model from its MLflow server as the read-only viewer account.
+serve-model: export MLFLOW_TRACKING_URI := $(if $(wildcard $(RUN_DIR)/mlflow.pid),http://127.0.0.1:$(MLFLOW_PORT),sqlite:///$(MLFLOW_DB))
 serve-model: export PATH := $(abspath $(VENV))/bin:$(PATH)
 serve-model:
 	@mkdir -p $(RUN_DIR)

@@ -13,6 +13,8 @@ import sys
 
 from apps import commands, data_commands
 from patchcore import cli as library_cli
+from patchcore.errors import ConfigError
+from pipeline import credentials
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before Prefect is imported (it reads its settings once): the servers' credentials, from the
+    # environment or the file `make serve` wrote (pipeline/credentials.py).
+    try:
+        credentials.apply()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return library_cli.run(build_parser(), argv)
 
 

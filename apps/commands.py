@@ -43,6 +43,7 @@ from patchcore.config import (
     parse_overrides,
 )
 from pipeline.config import Params, load_settings
+from pipeline.io import resolve_recorded
 from pipeline.locks import LockTimeout
 from pipeline.registry import Registry, RegistryError, rollback, status
 from pipeline.store import Store
@@ -344,7 +345,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     registry = _registry(args, settings)
     version = registry.version(args.product, args.alias or ("champion" if args.version is None else None), args.version)
-    data = args.data or version.tags.get("data_root") or f"data/{args.product}"
+    recorded = version.tags.get("data_root")
+    data = args.data or (str(resolve_recorded(recorded)) if recorded else f"data/{args.product}")
     from pipeline.promotion import pin_evaluation_set, score_version  # noqa: PLC0415  lazy: torch (~1.5 s)
 
     store = Store.from_settings(settings)
@@ -440,5 +442,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(
                 f"  incomplete registrations (a registering process died): v{versions} (tagged orphaned by the "
                 "next training or promotion if not already; never promoted)"
+            )
+        if entry.get("champion_change_pending"):
+            print(
+                f"  a champion move to v{entry['champion_change_pending']} was cut short: the next promotion, "
+                "rollback or training finishes or undoes it"
             )
     return 0

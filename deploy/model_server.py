@@ -30,6 +30,8 @@ from typing import Any
 import uvicorn
 from mlflow.pyfunc import scoring_server
 
+from pipeline import credentials
+
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MODEL_ERROR_MARK = "\nError: "  # MLflow prefixes the model's message with the whole request's data
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
     args = parser.parse_args(argv)
+    credentials.apply("viewer")  # read-only: a model server never needs to change the registry
     hosts = tuple(dict.fromkeys([*DEFAULT_HOSTS, args.host, *args.allowed_host]))
     app = build_app(args.model, hosts, tuple(args.allowed_origin), int(args.max_body_mb * 2**20))
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations (hosts {', '.join(hosts)})", flush=True)

@@ -225,6 +225,13 @@ def with_overrides(params: Params, overrides: dict[str, Any] | None) -> Params:
     are a ConfigError naming the key."""
     data = params_to_dict(params)
     for dotted, value in (overrides or {}).items():
+        if dotted == "profile":
+            raise ConfigError(
+                "the profile cannot be set with --set: switch it with `patchcore profile NAME` "
+                "(or `profile:` in params.yaml), then run again"
+            )
+        if "." not in dotted:
+            raise ConfigError(f"setting {dotted!r} needs its section: section.key, e.g. model.coreset.fraction")
         node, *path, last = dotted.split(".")
         target = data.get(node)
         for part in path:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from patchcore.digest import file_digest
-from pipeline.io import git_state
+from pipeline.io import git_state, recorded_path
 
 TAG_PREFIX = "data."
 
@@ -183,7 +183,7 @@ def data_version(product_dir: str | Path, product: str | None = None) -> DataVer
                 in_dvc = bool(sub) and _listing_md5(sub) == md5
 
     def rel(p: Path) -> str:
-        return p.relative_to(root).as_posix() if root and p.is_relative_to(root) else str(p)
+        return p.relative_to(root).as_posix() if root and p.is_relative_to(root) else recorded_path(p)
 
     return DataVersion(
         product=product or folder.name,

@@ -84,6 +84,36 @@ def git_state(root: str | Path = SOURCE_TREE) -> tuple[str | None, bool | None]:
     return commit, (None if status is None else bool(status))
 
 
+def project_root() -> Path:
+    """The repository a command runs in: the git top level of the working directory, else the
+    working directory. Paths in tracking data are recorded relative to it."""
+    top = git(Path.cwd(), "rev-parse", "--show-toplevel", timeout=10)
+    return Path(top) if top else Path.cwd()
+
+
+def recorded_path(path: str | Path) -> str:
+    """`path` as tracking data records it (MLflow tags and params, model.json, validation summaries):
+    relative to the repository (POSIX) when inside it, so no training machine's absolute layout is
+    written. A folder outside the repository is recorded as it is: it is not versioned with the
+    repository, and a later promotion on the same machine needs its location."""
+    absolute = Path(path).absolute()
+    base = project_root().absolute()
+    try:
+        return absolute.relative_to(base).as_posix() or "."
+    except ValueError:
+        pass
+    try:  # the same folder reached through a symlink (e.g. /tmp vs /private/tmp)
+        return absolute.resolve().relative_to(base.resolve()).as_posix() or "."
+    except ValueError:
+        return str(absolute)
+
+
+def resolve_recorded(path: str | Path) -> Path:
+    """The folder a recorded path names on this machine (relative ones: under the repository)."""
+    path = Path(path)
+    return path if path.is_absolute() else project_root() / path
+
+
 def source_commit() -> dict[str, Any]:
     """The source tree's commit and dirty flag, as the provenance records it."""
     commit, dirty = git_state(SOURCE_TREE)
@@ -96,7 +126,10 @@ __all__ = [
     "git",
     "git_state",
     "plain",
+    "project_root",
     "read_json",
+    "recorded_path",
+    "resolve_recorded",
     "source_commit",
     "to_jsonable",
     "write_json",

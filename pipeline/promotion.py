@@ -24,8 +24,16 @@ import numpy as np
 from patchcore import PatchCore, metrics
 from pipeline.config import PromotionConfig
 from pipeline.data_version import dir_md5
-from pipeline.io import content_key, read_json
-from pipeline.registry import CHALLENGER, CHAMPION, PREVIOUS, NoSuchAlias, Registry, RegistryError, now_iso
+from pipeline.io import content_key, read_json, recorded_path, resolve_recorded
+from pipeline.registry import (
+    CHALLENGER,
+    CHAMPION,
+    SOURCE_TAGS,
+    NoSuchAlias,
+    Registry,
+    RegistryError,
+    now_iso,
+)
 from pipeline.steps.evaluate import score_records
 from pipeline.steps.fingerprint import manifest_entries, product_folder
 from pipeline.steps.split import TEST
@@ -53,7 +61,7 @@ def describe(version) -> dict[str, Any]:
         "random_weights": tags.get("random_weights") == "true",
         "heldout_fpr": float(tags["heldout_fpr"]) if "heldout_fpr" in tags else None,
         "threshold": float(tags["threshold"]) if "threshold" in tags else None,
-        "data_root": tags.get("data_root") or None,
+        "data_root": str(resolve_recorded(tags["data_root"])) if tags.get("data_root") else None,
     }
 
 
@@ -65,7 +73,7 @@ def pin_evaluation_set(store: Store, data_root: str | Path) -> dict[str, Any]:
     root = product_folder(data_root)
     test = [e for e in manifest_entries(root) if e["split"] == "test"]  # may be empty: a cold-start product
     key = content_key([(e["path"], e["sha256"], e["label"], e["mask_sha256"]) for e in test], length=64)
-    pinned = {"root": str(root), "eval_set_sha256": key, "data_version": dir_md5(root), "images": test}
+    pinned = {"root": recorded_path(root), "eval_set_sha256": key, "data_version": dir_md5(root), "images": test}
     path = store.write_json("eval_sets", f"{key}.json", data=pinned)
     return {
         "eval_set": str(path),
@@ -98,7 +106,7 @@ def score_version(
         {"path": e["path"], "split": TEST, "label": e["label"], "defect_type": e["defect_type"], "mask": e["mask"]}
         for e in sorted(pinned["images"], key=lambda e: e["path"])
     ]
-    figures, per_type, _ = score_records(model, pinned["root"], records)
+    figures, per_type, _ = score_records(model, resolve_recorded(pinned["root"]), records)
     labels = np.array([r["label"] for r in records])
     scores = np.array([r["score"] for r in records])
     out |= figures | {"per_defect_type": per_type}
@@ -197,10 +205,7 @@ def apply_decision(
         )
     if decision["promote"]:
         history = registry.history(product) or ([champion] if champion else [])
-        registry.set_alias(product, CHAMPION, challenger)
-        if champion:
-            registry.set_alias(product, PREVIOUS, champion)
-        registry.set_history(product, history + [challenger])
+        registry.move_champion(product, challenger, champion, history + [challenger])
     registry.tag_version(
         product,
         challenger,
@@ -216,6 +221,7 @@ def apply_decision(
     with mlflow.start_run(
         experiment_id=registry.experiment_id(product),
         run_name=f"promote-v{challenger}" + (f"-vs-v{champion}" if champion else ""),
+        tags=SOURCE_TAGS,
     ) as run:
         mlflow.log_params({f"promotion.{k}": v for k, v in decision["settings"].items()})
         mlflow.log_metrics(
@@ -242,7 +248,10 @@ def apply_decision(
                 "mlflow.note.content": decision_markdown(product, decision, eval_set),
             }
         )
-        mlflow.log_dict({"decision": decision, "eval_set": eval_set, "scores": scores}, "decision.json")
+        # the evaluation set by its content hash and its name in the store, not this machine's path
+        logged_set = {k: v for k, v in eval_set.items() if k != "eval_set"}
+        logged_set["eval_set_file"] = f"eval_sets/{eval_set['eval_set_sha256']}.json"
+        mlflow.log_dict({"decision": decision, "eval_set": logged_set, "scores": scores}, "decision.json")
         mlflow.log_artifact(eval_set["eval_set"], artifact_path="eval_set")
     return {
         **decision,

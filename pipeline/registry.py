@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -32,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking.context import registry as context_registry
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
 from PIL import Image
 
 from patchcore.atomic import atomic_directory
@@ -50,6 +52,10 @@ ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
 RANDOM_WEIGHTS_TAG = "RANDOM (not for production)"
 REGISTRATION_TAG, STARTED, COMPLETE, ORPHANED = "registration", "started", "complete", "orphaned"
 HISTORY_TAG = "champion_history"  # registered-model tag: versions that were champion, oldest first
+# Registered-model tag written before the champion moves and deleted after: the state before and
+# after the move, so a move cut short (kill -9, a lost server) is finished or undone by the next
+# holder of the product's lock (reconcile), never left with champion, previous and history disagreeing.
+PENDING_TAG = "champion_change_pending"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # The tags a registered version carries besides threshold, held-out FPR, run, training key and metrics.
 VERSION_TAGS = (
@@ -95,6 +101,11 @@ class NoSuchAlias(RegistryError):
     pass
 
 
+# MLflow tags a run with the launching script's absolute path (mlflow.source.name); runs record
+# only its name, so no checkout path of the training machine lands in the tracking store.
+SOURCE_TAGS = {MLFLOW_SOURCE_NAME: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "patchcore"}
+
+
 # -- where -----------------------------------------------------------------------------------------
 def default_tracking_uri() -> str:
     return f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
@@ -135,6 +146,24 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 f"tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); start the server "
                 "(`mlflow server ...`) or point mlflow.tracking_uri / MLFLOW_TRACKING_URI elsewhere"
             ) from None
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+        try:
+            probe = requests.get(
+                uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                params={"max_results": 1},
+                auth=auth,
+                timeout=timeout_s,
+            )
+        except requests.RequestException:
+            return
+        if probe.status_code in (401, 403):
+            who = f"as {user!r}" if user else "without credentials"
+            raise TrackingStoreUnreachable(
+                f"tracking server {uri} refused the request {who} (HTTP {probe.status_code}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or PATCHCORE_CREDENTIALS to the file "
+                "`make serve` wrote ($PATCHCORE_HOME/run/credentials.env)"
+            )
 
 
 def serving_requirements() -> list[str]:
@@ -209,9 +238,12 @@ class Registry:
         tagged `registration=orphaned` and loses the challenger alias, and the training runs left
         RUNNING are ended as FAILED. Call it holding the product's lock (pipeline/locks.py), where
         no other registration can be under way: training's registration and the promotion flow do."""
-        done: dict[str, list[str]] = {"versions": [], "runs": []}
+        done: dict[str, list[str]] = {"versions": [], "runs": [], "champion_change": []}
         name = self.model_name(product)
         experiment = self.client.get_experiment_by_name(name)
+        repaired = self.repair_champion_change(product)
+        if repaired:
+            done["champion_change"].append(repaired)
         for mv in self.incomplete(product):
             if mv.tags.get(REGISTRATION_TAG) == ORPHANED:
                 continue
@@ -273,6 +305,61 @@ class Registry:
                 self.client.delete_registered_model_alias(name, alias)
         else:
             self.client.set_registered_model_alias(name, alias, str(version))
+
+    def move_champion(self, product: str, champion: str, previous: str | None, history: list[str]) -> None:
+        """Set champion, previous and the history together, crash-consistently: the states before
+        and after are written to a journal tag first and the tag is deleted last; reconcile()
+        finishes or undoes a move that was cut short. Call it holding the product's lock."""
+        aliases = self.aliases(product)
+        history_before = self.history(product)
+        before = {"champion": aliases.get(CHAMPION), "previous": aliases.get(PREVIOUS), "history": history_before}
+        after = {"champion": str(champion), "previous": previous, "history": history}
+        name = self.model_name(product)
+        self.client.set_registered_model_tag(name, PENDING_TAG, json.dumps({"before": before, "after": after}))
+        self._apply_champion_state(product, after)
+        self.client.delete_registered_model_tag(name, PENDING_TAG)
+
+    def _apply_champion_state(self, product: str, state: dict[str, Any]) -> None:
+        self.set_history(product, state["history"])
+        self.set_alias(product, PREVIOUS, state["previous"])
+        self.set_alias(product, CHAMPION, state["champion"])  # last: what serving resolves
+
+    def pending_champion_change(self, product: str) -> dict[str, Any] | None:
+        try:
+            text = self.client.get_registered_model(self.model_name(product)).tags.get(PENDING_TAG)
+        except MlflowException:  # nothing registered yet
+            return None
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return {"before": None, "after": None, "raw": text}
+
+    def repair_champion_change(self, product: str) -> str | None:
+        """Finish a champion move that was cut short if the champion alias already moved, else undo
+        it; a one-line account of what was done, or None when no move was pending."""
+        pending = self.pending_champion_change(product)
+        if pending is None:
+            return None
+        name = self.model_name(product)
+        before, after = pending.get("before"), pending.get("after")
+        if not before or not after:
+            self.client.delete_registered_model_tag(name, PENDING_TAG)
+            message = f"{name}: an unreadable {PENDING_TAG} tag was removed; check the aliases with `patchcore status`"
+        elif self.aliases(product).get(CHAMPION) == after["champion"]:
+            self._apply_champion_state(product, after)
+            self.client.delete_registered_model_tag(name, PENDING_TAG)
+            message = f"{name}: a champion move to v{after['champion']} was cut short after the alias moved: finished"
+        else:
+            self._apply_champion_state(product, before)  # a champion of None: the alias is removed
+            self.client.delete_registered_model_tag(name, PENDING_TAG)
+            message = (
+                f"{name}: a champion move to v{after['champion']} was cut short before the alias moved: undone "
+                f"(champion stays v{before['champion'] or '-'})"
+            )
+        logger.warning("%s", message)
+        return message
 
     def set_history(self, product: str, versions: list[str]) -> None:
         """The versions that were champion, oldest first; a version never follows itself."""
@@ -364,7 +451,7 @@ class Registry:
         started = self.client.create_run(
             self.experiment_id(product),
             start_time=int(training.started_at * 1000) if training.started_at else None,
-            tags=context_registry.resolve_tags({}),
+            tags=context_registry.resolve_tags(SOURCE_TAGS),
             run_name=run_name,
         )
         with mlflow.start_run(run_id=started.info.run_id) as run:
@@ -440,13 +527,21 @@ class Registry:
         """The promotable model: pyfunc from code (pyfunc_model.py) + the PatchCore folder + the
         `patchcore` package, with signature, input example, pinned requirements and the serving
         limits (its model config)."""
-        with tempfile.TemporaryDirectory(prefix="patchcore-code-") as tmp:
+        # MLflow records where it copied the code and the model from (MLmodel `model_code_path`, the
+        # artifact's `uri`): stage both in a throwaway folder so no path of this machine's checkout
+        # or PATCHCORE_HOME is written into the registry. The model's files are hard-linked when the
+        # temporary folder is on their filesystem (MLflow refuses symlinks), else copied.
+        with tempfile.TemporaryDirectory(prefix="patchcore-stage-") as tmp:
             package = Path(tmp) / "patchcore"  # the library's sources only: no __pycache__
             shutil.copytree(PATCHCORE_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            code = Path(tmp) / PYFUNC_CODE.name
+            shutil.copyfile(PYFUNC_CODE, code)
+            staged_model = Path(tmp) / model_dir.name
+            shutil.copytree(model_dir, staged_model, copy_function=_link_or_copy)
             return mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(PYFUNC_CODE),
-                artifacts={MODEL_ARTIFACT: str(model_dir)},
+                python_model=str(code),
+                artifacts={MODEL_ARTIFACT: str(staged_model)},
                 code_paths=[str(package)],
                 signature=model_signature(),
                 input_example=_input_example(record.get("input_example"), meta),
@@ -459,6 +554,13 @@ class Registry:
                     "weights": tags["weights"],
                 },
             )
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def is_complete(version) -> bool:
@@ -552,6 +654,7 @@ def rollback(registry: Registry, product: str) -> dict[str, Any]:
 
 
 def _rollback(registry: Registry, product: str) -> dict[str, Any]:
+    registry.reconcile(product)
     aliases = registry.aliases(product)
     if CHAMPION not in aliases:
         raise NoSuchAlias(f"no champion yet for {product!r}: nothing to roll back")
@@ -564,13 +667,13 @@ def _rollback(registry: Registry, product: str) -> dict[str, Any]:
     target = history[-1]
     if target == current:  # a history with a repeated version (written before versions were de-duplicated)
         raise NoSuchAlias(f"nothing to roll back for {product!r}: the previous champion is v{current} itself")
-    registry.set_alias(product, CHAMPION, target)
-    registry.set_alias(product, PREVIOUS, history[-2] if len(history) > 1 else None)
-    registry.set_history(product, history)
+    registry.move_champion(product, target, history[-2] if len(history) > 1 else None, history)
     stamp = now_iso()
     registry.tag_version(product, current, {"rolled_back_at": stamp, "rolled_back_to": target})
     with mlflow.start_run(
-        experiment_id=registry.experiment_id(product), run_name=f"rollback-v{current}-to-v{target}"
+        experiment_id=registry.experiment_id(product),
+        run_name=f"rollback-v{current}-to-v{target}",
+        tags=SOURCE_TAGS,
     ) as run:
         mlflow.set_tags({"kind": "rollback", "from_version": current, "to_version": target})
     return {
@@ -614,6 +717,8 @@ def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
         )
         entry["latest_version"] = str(latest[0].version) if latest else None
         entry["incomplete_registrations"] = [str(mv.version) for mv in registry.incomplete(name)]
+        pending = registry.pending_champion_change(name)
+        entry["champion_change_pending"] = (pending.get("after") or {}).get("champion", "?") if pending else None
         out["products"][name] = entry
     return out
 

@@ -7,6 +7,13 @@ from typing import Any
 from pipeline.results import TrainingRecord
 
 
+def _store_label(uri: str | None) -> str:
+    """A tracking server by its address; a local store without this machine's file path."""
+    if not uri:
+        return "-"
+    return uri if uri.startswith(("http://", "https://")) else f"local {uri.split(':', 1)[0]} store"
+
+
 def summary_markdown(record: TrainingRecord, registry: dict[str, Any] | None = None) -> str:
     """The markdown summary of one training run (Prefect artifact, MLflow run description);
     `registry`: what registration returned (name, version, run_id, tracking_uri), when it ran."""
@@ -21,7 +28,7 @@ def summary_markdown(record: TrainingRecord, registry: dict[str, Any] | None = N
         "| | |",
         "|---|---|",
         f"| registered model | `{reg.get('name', '-')}` version **{reg.get('version', '-')}** (alias `challenger`) |",
-        f"| MLflow run | `{reg.get('run_id', '-')}` ({reg.get('tracking_uri', '-')}) |",
+        f"| MLflow run | `{reg.get('run_id', '-')}` ({_store_label(reg.get('tracking_uri'))}) |",
         f"| data version | `{result['data_version'][:16]}` ({result['data_root']}) |",
         f"| mode | {c['mode']} |",
         f"| memory bank | {result['bank_size']} patches from {result['n_bank']} images |",

@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from patchcore.data import GOOD, IMAGE_SUFFIXES, DataError, is_mvtec_root
 from pipeline.config import Params
-from pipeline.io import plain, write_json
+from pipeline.io import plain, recorded_path, write_json
 from pipeline.store import Store
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def validate_image_set(
     passed = all(o["success"] for o in outcomes)
     summary = {
         "product": product,
-        "folder": str(folder),
+        "folder": recorded_path(folder),  # relative to the repository when inside it (tracking data)
         "passed": passed,
         "suite": suite["name"],
         "n_files": int(len(table)),
@@ -437,7 +437,7 @@ def validate_image_set(
     write_json(result.failures_path, result.failure_rows())
     if docs_dir is not None and (docs_dir / "index.html").is_file():
         result.docs_path = docs_dir / "index.html"
-        summary["data_docs"] = str(result.docs_path)
+        summary["data_docs"] = result.docs_path.relative_to(out).as_posix()  # beside summary.json
     result.summary_path = out / "summary.json"
     write_json(result.summary_path, summary)
     if passed:

@@ -11,6 +11,7 @@ from conftest import REPO, tiny_overrides
 
 from pipeline import promotion, steps
 from pipeline.config import PromotionConfig, load_settings, with_overrides
+from pipeline.locks import product_lock
 from pipeline.registry import NoSuchAlias, Registry, RegistryError, UnknownProduct
 from pipeline.registry import rollback as registry_rollback
 from pipeline.registry import status as registry_status
@@ -242,6 +243,10 @@ def test_overrides_reach_any_section_and_unknown_keys_are_named():
         load_settings(REPO / "params.yaml", {"pipeline.target_fp": 0.05})
     with pytest.raises(ConfigError, match="promotion.metric must be one of"):
         load_settings(REPO / "params.yaml", {"promotion.metric": "accuracy"})
+    with pytest.raises(ConfigError, match="patchcore profile NAME"):
+        load_settings(REPO / "params.yaml", {"profile": "demo"})
+    with pytest.raises(ConfigError, match="needs its section"):
+        load_settings(REPO / "params.yaml", {"fraction": 0.2})
 
 
 def test_the_active_profile_changes_the_settings_of_every_entry_point_alike(tmp_path):
@@ -359,3 +364,57 @@ register_version(registry, settings, {data.as_posix()!r})
     assert tags["registration"] == "orphaned" and registry.client.get_run(run_id).info.status == "FAILED"
     assert registry.client.get_model_version("patchcore-tiles", again).tags["registration"] == "complete"
     assert orphan in registry_status(registry, "tiles")["products"]["tiles"]["incomplete_registrations"]
+
+
+CUT_SHORT = {
+    # where the process dies inside a champion move (rollback here; promotion moves the same way)
+    "before the history": "Registry.set_history = lambda *a, **k: os._exit(9)",
+    "before previous": "_set = Registry.set_alias\n"
+    "Registry.set_alias = lambda s, p, a, v: os._exit(9) if a == 'previous' else _set(s, p, a, v)",
+    "before champion": "_set = Registry.set_alias\n"
+    "Registry.set_alias = lambda s, p, a, v: os._exit(9) if a == 'champion' else _set(s, p, a, v)",
+    "after champion": "MlflowClient.delete_registered_model_tag = lambda *a, **k: os._exit(9)",
+}
+
+
+@pytest.mark.parametrize("point", list(CUT_SHORT))
+def test_a_champion_move_cut_short_by_kill_9_is_finished_or_undone_by_the_next_lock_holder(history, env, point):
+    """kill -9 (os._exit) at each write of a rollback: `status` shows the move as pending, and the
+    next promotion / rollback / training (reconcile, under the product's lock) leaves champion,
+    previous and the history agreeing: undone when the champion alias had not moved yet, finished
+    when it had. Never a repeated version, never a stale `previous`."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.registry import status as registry_status
+
+    registry = env["registry"]
+    first, better, equal = (history[k]["version"] for k in ("first", "better", "equal"))
+    with product_lock("tiles"):
+        registry.move_champion("tiles", equal, better, [first, better, equal])
+    paths = [str(REPO / "tests"), str(REPO)]
+    code = f"""
+import os, sys
+sys.path[:0] = {paths!r}
+from mlflow import MlflowClient
+from test_promotion import TINY
+from pipeline.config import load_settings
+from pipeline.registry import Registry, rollback
+registry = Registry(load_settings(None, TINY).mlflow)
+{CUT_SHORT[point]}
+rollback(registry, "tiles")
+"""
+    environment = {**os.environ, "PATCHCORE_HOME": str(env["root"] / "home")}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    died = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    assert registry_status(registry, "tiles")["products"]["tiles"]["champion_change_pending"] == better
+
+    with product_lock("tiles"):
+        repaired = registry.reconcile("tiles")["champion_change"]
+    assert len(repaired) == 1 and ("finished" if point == "after champion" else "undone") in repaired[0]
+    aliases, versions = registry.aliases("tiles"), registry.history("tiles")
+    expected = [first, better] if point == "after champion" else [first, better, equal]
+    assert versions == expected and aliases["champion"] == expected[-1] and aliases["previous"] == expected[-2]
+    assert registry_status(registry, "tiles")["products"]["tiles"]["champion_change_pending"] is None

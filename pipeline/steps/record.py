@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.io import content_key, source_commit
+from pipeline.io import content_key, recorded_path, source_commit
 from pipeline.results import (
     Bank,
     Calibration,
@@ -27,7 +27,7 @@ def provenance(product: str, manifest: Manifest, split_key: str, feature_identit
     return {
         "product": product,
         "data_version": manifest.data_version,
-        "data_root": manifest.data_root,
+        "data_root": recorded_path(manifest.data_root),
         "manifest_sha256": manifest.manifest_sha256,
         "split_key": split_key,
         "feature_identity": feature_identity,
@@ -62,7 +62,7 @@ def training_record(
     return TrainingRecord(
         product=product,
         data_version=manifest.data_version,
-        data_root=manifest.data_root,
+        data_root=recorded_path(manifest.data_root),
         data_version_record=manifest.data_version_record,
         git=source_commit(),
         feature_identity=features.identity,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from patchcore.data import DataError, check_readable
 from pipeline.config import Params
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, resolve_recorded, write_json
 from pipeline.results import Manifest, Validation
 from pipeline.steps.fingerprint import image_path, load_manifest
 from pipeline.store import Store
@@ -63,7 +62,7 @@ def accept_validated_set(store: Store, validation: Validation, extra: dict[str, 
     result = ValidationResult(
         passed=bool(summary["passed"]),
         product=summary["product"],
-        folder=Path(summary["folder"]),
+        folder=resolve_recorded(summary["folder"]),
         summary=summary,
         stats=summary.get("stats") or {},
     )
