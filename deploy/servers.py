@@ -298,6 +298,7 @@ def up(servers: Servers, serve_args: list[str], deployments: bool = True) -> dic
         names = ", ".join(f"{name} ({pid})" for name, pid in already.items())
         raise ConfigError(f"already running: {names}; stop them first with `make stop`")
     servers.run_dir.mkdir(parents=True, exist_ok=True)
+    servers.run_dir.chmod(0o700)  # credentials, the MLflow account store, logs: the owner's only
     client, server = ensure_credentials(servers)
     started: dict[str, int] = {}
     try:

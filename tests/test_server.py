@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,92 +84,56 @@ def _params_file(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """`make serve`'s servers (deploy/servers.py up): Prefect with its auth string, CSRF and CORS, the
+    MLflow basic-auth server over the pipeline's SQLite store, and the deployments as the pipeline's
+    account, on free loopback ports under a private PATCHCORE_HOME."""
+    from deploy import servers as stack
+
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PATCHCORE_WEIGHTS")}
-    env.update(
-        {
-            "PREFECT_HOME": str(root / "prefect"),
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-            "PATCHCORE_HOME": str(root / "home"),
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        }
-    )
-    logs = [root / "prefect.log", root / "deployments.log"]
-    procs = []
+    servers = stack.Servers(root / "home", _free_port(), _free_port())
+    data_root = root / "data"
+    generate_product(data_root, "tiles", n_train=16, n_test_good=4, n_test_defect=4, size_px=112, seed=3)
+    params = _params_file(root / "params.yaml")
+    serve_args = ["--params", str(params), "--data-root", str(data_root)]
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")}
+    os.environ["PREFECT_HOME"] = str(root / "prefect")
+    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"
+    logs = [servers.log_file(name) for name in ("prefect", "mlflow", "deployments")]
     try:
-        with open(logs[0], "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        stack.up(servers, serve_args, deployments=False)
+        client, _ = stack.ensure_credentials(servers)
+        env = stack.base_env(servers) | stack.client_env(servers, client)
 
-        def healthy():
-            try:
-                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+        def start_serving() -> int:
+            return stack.start_deployments(servers, client, serve_args, REPO)
 
-        _wait("the Prefect server", healthy, 120, logs)
-        data_root = root / "data"
-        generate_product(data_root, "tiles", n_train=16, n_test_good=4, n_test_defect=4, size_px=112, seed=3)
-        params = _params_file(root / "params.yaml")
-
-        def start_serving() -> subprocess.Popen:
-            with open(logs[1], "ab") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "deploy.serve", "--params", str(params), "--data-root", str(data_root)],
-                    cwd=REPO,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            procs.append(proc)
-            return proc
-
-        serving = start_serving()
-        old_url = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
-        try:
-            yield {
-                "logs": logs,
-                "env": env,
-                "data": data_root / "tiles",
-                "home": root / "home",
-                "serving": [serving],
-                "start_serving": start_serving,
-            }
-        finally:
-            if old_url is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = old_url
+        serving = [start_serving()]
+        yield {
+            "servers": servers,
+            "credentials": client,
+            "logs": logs,
+            "env": env,
+            "data": data_root / "tiles",
+            "home": servers.home,
+            "serving": serving,
+            "start_serving": start_serving,
+        }
     finally:
-        for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stack.down(servers)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def _client():
+def _client(served):
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    return SyncPrefectClient(os.environ["PREFECT_API_URL"]), temporary_settings(
-        {PREFECT_API_URL: os.environ["PREFECT_API_URL"]}
+    env = served["env"]
+    return SyncPrefectClient(env["PREFECT_API_URL"], auth_string=env["PREFECT_API_AUTH_STRING"]), temporary_settings(
+        {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
     )
 
 
@@ -210,7 +175,7 @@ def _add_images(folder: Path, tag: str, flip, n: int = 3) -> float:
 
 
 def test_new_images_start_a_retrain_through_watcher_event_and_trigger_and_the_cron_is_scheduled(served):
-    client, settings = _client()
+    client, settings = _client(served)
     with client, settings:
         retrain = _wait(
             "the retrain-tiles deployment", lambda: _deployment(client, "retrain-tiles"), 120, served["logs"]
@@ -251,10 +216,77 @@ def test_new_images_start_a_retrain_through_watcher_event_and_trigger_and_the_cr
     assert tiles["aliases"]["champion"]["weights"].startswith("RANDOM")
 
 
+def _http(url: str, method: str = "GET", auth: tuple[str, str] | None = None, headers=None, body=None):
+    """(status, headers) of one request; errors are answers too."""
+    import base64
+
+    request = urllib.request.Request(url, method=method, data=body, headers=dict(headers or {}))
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+def test_the_servers_need_credentials_refuse_foreign_origins_and_only_the_pipeline_moves_aliases(served):
+    """Prefect: no auth string -> 401, a state change without the CSRF token -> 403, a preflight from
+    another origin gets no CORS grant. MLflow: no account -> 401, the viewer reads but may not move an
+    alias (403), the pipeline account may; a foreign Host header is refused. The credentials files are
+    0600; the CLI finds them by itself and names the fix when they are wrong."""
+    servers, creds = served["servers"], served["credentials"]
+    api, prefect_auth = servers.prefect_api, tuple(creds["PREFECT_API_AUTH_STRING"].split(":", 1))
+    assert _http(f"{api}/admin/version")[0] == 401
+    assert _http(f"{api}/admin/version", auth=prefect_auth)[0] == 200
+    json_body = {"Content-Type": "application/json"}
+    assert _http(f"{api}/flows/filter", "POST", prefect_auth, json_body, b"{}")[0] == 403  # no CSRF token
+    preflight = {"Access-Control-Request-Method": "POST"}
+    _, evil = _http(f"{api}/flows/filter", "OPTIONS", headers=preflight | {"Origin": "http://evil.example"})
+    assert evil.get("access-control-allow-origin") != "http://evil.example"
+    _, own = _http(f"{api}/flows/filter", "OPTIONS", headers=preflight | {"Origin": servers.prefect_ui})
+    assert own.get("access-control-allow-origin") == servers.prefect_ui
+
+    mlflow_api = f"{servers.mlflow_uri}/api/2.0/mlflow"
+    viewer = (creds["PATCHCORE_VIEWER_USERNAME"], creds["PATCHCORE_VIEWER_PASSWORD"])
+    pipeline = (creds["MLFLOW_TRACKING_USERNAME"], creds["MLFLOW_TRACKING_PASSWORD"])
+    search = f"{mlflow_api}/registered-models/search"
+    assert _http(search)[0] == 401
+    assert _http(search, auth=viewer)[0] == 200
+    assert _http(search, auth=viewer, headers={"Host": "evil.example"})[0] == 403
+    alias = json.dumps({"name": "patchcore-tiles", "alias": "challenger", "version": "1"}).encode()
+    assert _http(f"{mlflow_api}/registered-models/alias", "POST", viewer, json_body, alias)[0] == 403
+    assert _http(f"{mlflow_api}/registered-models/alias", "POST", pipeline, json_body, alias)[0] == 200
+    for path in (servers.credentials_file, servers.secrets_file, servers.auth_config):
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert servers.run_dir.stat().st_mode & 0o077 == 0
+
+    def cli_status(**extra):
+        env = {
+            k: v
+            for k, v in served["env"].items()
+            if not k.startswith(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PATCHCORE_CREDENTIALS"))
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "apps.cli", "status", "--product", "tiles"],
+            cwd=REPO,
+            env=env | extra,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    found = cli_status()  # the account from $PATCHCORE_HOME/run/credentials.env
+    assert found.returncode == 0 and "champion" in found.stdout, found.stderr[-1500:]
+    wrong = cli_status(MLFLOW_TRACKING_USERNAME="pipeline", MLFLOW_TRACKING_PASSWORD="not-the-password")
+    assert wrong.returncode == 2 and "refused the request as 'pipeline' (HTTP 401)" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+
 def test_after_kill_9_mid_retrain_and_a_restart_new_images_retrain_within_the_documented_latency(served):
     """kill -9 of the serving process while a retrain runs (its run stays Running, its slots taken),
     then a restart: the stale run is marked Crashed at start and new images retrain again."""
-    client, settings = _client()
+    client, settings = _client(served)
     with client, settings:
         retrain = _deployment(client, "retrain-tiles")
         before = {r.id for r in _new_data_runs(client, retrain.id)}
@@ -265,8 +297,8 @@ def test_after_kill_9_mid_retrain_and_a_restart_new_images_retrain_within_the_do
             return next((r for r in runs if r.state and r.state.is_running()), None)
 
         victim = _wait("the next retrain to be running", running_new_run, 180, served["logs"])
-        os.killpg(served["serving"][0].pid, signal.SIGKILL)  # the serving process and its flow-run children
-        served["serving"][0].wait(timeout=30)
+        os.killpg(served["serving"][0], signal.SIGKILL)  # the serving process and its flow-run children
+        os.waitpid(served["serving"][0], 0)
         assert client.read_flow_run(victim.id).state.is_running()  # left behind as Running
 
         served["serving"][0] = served["start_serving"]()
