@@ -9,6 +9,7 @@ is the application's (apps/commands.py), which also takes the library's form (--
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from apps import commands, data_commands
@@ -27,7 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame) -> None:
+    # Called directly, or by Prefect after it marked the running flow Crashed (it re-sends the signal
+    # to the handler it found): one line, then the conventional exit status 128 + signal.
+    print(
+        f"error: stopped by {signal.Signals(signum).name}: the steps that finished are in the store and a "
+        "rerun reuses them; a half-made registration is marked orphaned by the next run",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     # Before Prefect is imported (it reads its settings once): the servers' credentials, from the
     # environment or the file `make serve` wrote (pipeline/credentials.py).
     try:
@@ -35,7 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return library_cli.run(build_parser(), argv)
+    try:
+        return library_cli.run(build_parser(), argv)
+    except BaseException as exc:
+        signum = _termination(exc)
+        if signum is None:
+            raise
+        _terminated(signum, None)
+        raise  # not reached: _terminated exits
+
+
+def _termination(exc: BaseException) -> int | None:
+    """The signal number when `exc` is (or was raised while handling) Prefect's TerminationSignal:
+    a flow stopped by SIGTERM whose crash report then failed too (its temporary server was stopped by
+    the same signal)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "TerminationSignal" and isinstance(getattr(exc, "signal", None), int):
+            return exc.signal
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from patchcore.config import (
     load_params,
     parse_overrides,
 )
+from patchcore.errors import USER_ERRORS
 from pipeline.config import Params, load_settings
 from pipeline.io import resolve_recorded
 from pipeline.locks import LockTimeout
@@ -216,6 +217,20 @@ class _RunNameFilter(logging.Filter):
         return True
 
 
+EXPECTED_ERRORS = (*USER_ERRORS, RegistryError, LockTimeout)
+
+
+class _ExpectedErrorFilter(logging.Filter):
+    """A task that failed on an error the user can fix (bad data or settings, a full disk, a lost
+    tracking server) is logged by Prefect with its traceback; keep the one-line message only. The
+    command ends with that error's own `error:` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _quiet_prefect_defaults() -> None:
     # Every HTTP call to the Prefect API would otherwise be an INFO line.
     for noisy in ("httpx", "httpcore"):
@@ -223,6 +238,7 @@ def _quiet_prefect_defaults() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _RunNameFilter) for f in handler.filters):
             handler.addFilter(_RunNameFilter())
+            handler.addFilter(_ExpectedErrorFilter())
     # The same offline-friendly defaults `make` sets, for people who call the console script directly.
     for key, value in (
         ("DO_NOT_TRACK", "true"),
@@ -232,6 +248,12 @@ def _quiet_prefect_defaults() -> None:
         ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"),
     ):
         os.environ.setdefault(key, value)
+    if not os.environ.get("PREFECT_API_URL"):
+        # The temporary Prefect server lives and dies with this command: when a SIGTERM to the
+        # process group (systemd, a job runner) has stopped it, the run's last reports are retried
+        # once, not for minutes (Prefect's default of 5 backed-off retries held a terminated
+        # training for ~170 s).
+        os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
 
 
 # -- commands ----------------------------------------------------------------------------------------

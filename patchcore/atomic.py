@@ -8,6 +8,7 @@ through these three functions. Must never import prefect, mlflow, dvc or great_e
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,33 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from patchcore.errors import StorageFull
+
+# errno values of a write that failed for want of room: the disk, a quota, a file-size limit
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _full(exc: BaseException, path: Path) -> StorageFull | None:
+    """A StorageFull for a write that failed for want of room. numpy's tofile reports a short write
+    as "N requested and M written" without an errno, so a failed write on a file system with (almost)
+    no free space left counts as well."""
+    if not isinstance(exc, OSError) or isinstance(exc, StorageFull):
+        return None
+    code = exc.errno
+    if code not in FULL:
+        try:
+            stats = os.statvfs(path.parent)
+        except OSError:
+            return None
+        if stats.f_bavail * stats.f_frsize >= 1 << 20:
+            return None
+        code = errno.ENOSPC
+    return StorageFull(
+        code,
+        f"{path}: no room left on its file system ({os.strerror(code)}: {exc}); nothing half-written was "
+        "left behind: free space there (or write elsewhere) and run again",
+    )
 
 
 @contextlib.contextmanager
@@ -34,8 +62,11 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = _full(exc, path)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -78,8 +109,11 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = _full(exc, directory)
+        if full is not None:
+            raise full from exc
         raise
 
 

@@ -28,8 +28,22 @@ class ModelFileError(ValueError):
     """A saved model directory is missing, incompatible or has been altered."""
 
 
-# What a command reports as one line (exit status 2) instead of a traceback: bad data, settings,
-# weights or model files, and missing files.
-USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError)
+class StorageFull(OSError):
+    """A write failed because its file system is full (or a quota / file-size limit was hit). The
+    atomic writers (patchcore/atomic.py) raise it after removing their temporary file: nothing
+    half-written is left, and what was written before is complete."""
 
-__all__ = ["USER_ERRORS", "BackboneError", "ConfigError", "DataError", "ModelFileError", "WeightsError"]
+
+# What a command reports as one line (exit status 2) instead of a traceback: bad data, settings,
+# weights or model files, missing files and a full disk.
+USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError, StorageFull)
+
+__all__ = [
+    "USER_ERRORS",
+    "BackboneError",
+    "ConfigError",
+    "DataError",
+    "ModelFileError",
+    "StorageFull",
+    "WeightsError",
+]

@@ -33,13 +33,20 @@ from pipeline.registry import (
     Registry,
     RegistryError,
     now_iso,
+    tracking_call,
 )
 from pipeline.steps.evaluate import score_records
 from pipeline.steps.fingerprint import manifest_entries, product_folder
 from pipeline.steps.split import TEST
 from pipeline.store import Store
 
+LOST_DURING_PROMOTION = (
+    "start it again and rerun the promotion: scores already computed are in the store, and a half-done "
+    "alias move is finished or undone first"
+)
 
+
+@tracking_call("the promotion", LOST_DURING_PROMOTION)
 def candidates(registry: Registry, product: str) -> dict[str, Any]:
     """The challenger and champion versions (champion None for a product's first model), after
     cleaning up registrations that died half-way (the promotion flow holds the product's lock)."""
@@ -83,6 +90,7 @@ def pin_evaluation_set(store: Store, data_root: str | Path) -> dict[str, Any]:
     }
 
 
+@tracking_call("the promotion's scoring", LOST_DURING_PROMOTION)
 def score_version(
     registry: Registry, store: Store, product: str, version: str, eval_set: dict[str, Any]
 ) -> dict[str, Any]:
@@ -189,6 +197,7 @@ def decide(
     }
 
 
+@tracking_call("the promotion's alias moves", LOST_DURING_PROMOTION)
 def apply_decision(
     registry: Registry, product: str, decision: dict[str, Any], eval_set: dict[str, Any], scores: dict[str, Any]
 ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ store under PATCHCORE_HOME (`sqlite:///$PATCHCORE_HOME/mlflow/mlflow.db`, artifa
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -19,9 +20,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import mlflow
@@ -46,6 +48,7 @@ from pipeline.results import TrainingRecord
 from pipeline.summary import summary_markdown
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS)
@@ -91,6 +94,32 @@ class RegistryError(RuntimeError):
 
 class TrackingStoreUnreachable(RegistryError):
     pass
+
+
+# What MLflow's client says when the server is gone (after its own retries: MLFLOW_HTTP_REQUEST_*).
+_CONNECTION_SIGNS = ("Max retries exceeded", "Connection refused", "ConnectionError", "Failed to establish")
+
+
+def tracking_call(what: str, after: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a function whose first argument is a Registry: the tracking server going away
+    during `what` becomes one clear TrackingStoreUnreachable (`after`: the state that leaves and
+    what to do) instead of a client traceback."""
+
+    def decorate(func: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(func)
+        def wrapper(registry: Registry, *args: Any, **kwargs: Any) -> T:
+            try:
+                return func(registry, *args, **kwargs)
+            except (requests.ConnectionError, requests.Timeout, MlflowException) as exc:
+                if isinstance(exc, MlflowException) and not any(sign in str(exc) for sign in _CONNECTION_SIGNS):
+                    raise
+                raise TrackingStoreUnreachable(
+                    f"tracking server {registry.uri} stopped answering during {what}; {after}"
+                ) from None
+
+        return wrapper
+
+    return decorate
 
 
 class UnknownProduct(RegistryError):
@@ -397,10 +426,16 @@ class Registry:
         return target / relative
 
     # training runs
+    @tracking_call(
+        "the registration",
+        "start it again and rerun the training: the steps' results are in the store (nothing is extracted "
+        "again) and a half-registered version is marked orphaned by the next run",
+    )
     def log_training(self, product: str, params: Params, training: TrainingRecord) -> dict[str, Any]:
         """Log a finished training (params, metrics, tags, artifacts, the pyfunc model) as one run and
         register it as a new version with alias `challenger`. Called last, after every step
-        succeeded: a failure before registration leaves a FAILED run and no version."""
+        succeeded: a failure before registration leaves a FAILED run and no version; a server lost
+        half-way leaves a version the next registration marks orphaned (see reconcile)."""
         record = training.to_dict()
         name = self.model_name(product)
         self.reconcile(product)
@@ -645,6 +680,9 @@ def now_iso() -> str:
 
 
 # -- rollback -------------------------------------------------------------------------------------------
+@tracking_call(
+    "the rollback", "start it again and run the rollback again: a half-done move is finished or undone first"
+)
 def rollback(registry: Registry, product: str) -> dict[str, Any]:
     """Move `champion` back to `previous`; the one before that (if any) becomes `previous`. Under the
     product's registry lock, re-reading the aliases inside it; a rollback that would not change the

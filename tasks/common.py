@@ -11,10 +11,12 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
+from patchcore.errors import StorageFull
+
 # Retried: errors of the file system or the network that a second attempt may not meet (a busy
 # NFS mount, a dropped connection). Never retried: bad data or settings (DataError, ConfigError are
-# ValueErrors) and files that simply are not there.
-NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# ValueErrors), files that simply are not there, and a full disk (it stays full: say so at once).
+NOT_TRANSIENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, StorageFull)
 RETRIES = 2
 RETRY_DELAY_SECONDS = [2, 10]
 

@@ -1,13 +1,18 @@
-"""What #15 asks of tracking data and of failures: no absolute path of the training machine in
-anything the tracking store holds (runs, versions, artifacts, the logged model)."""
+"""Reliability: no absolute path of the training machine in anything the tracking store holds (runs,
+versions, artifacts, the logged model); a disk that fills up during feature writes (a real small
+tmpfs where it can be mounted, and a writer that fails as a full disk does)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import PARAMS, pipeline_home, tiny_overrides
+from conftest import PARAMS, pipeline_home, tiny_config, tiny_overrides
 
 from patchcore.synthetic import generate_product
 
@@ -75,3 +80,99 @@ def test_tracking_data_holds_no_absolute_path_of_the_training_machine(tmp_path, 
         for path, text in _texts(model):
             check(f"model:{path.relative_to(model)}", text)
     assert not found, "\n".join(found)
+
+
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str):
+    """A real small file system (tmpfs of `size`) at `path`; skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()[:120]}")
+    try:
+        yield lambda new_size: subprocess.run(
+            ["mount", "-o", f"remount,size={new_size}", str(path)], check=True, capture_output=True
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class _FillingUp:
+    """A file handle on a disk with `budget` bytes left: the write that does not fit writes what fits,
+    then fails with ENOSPC, as the kernel does."""
+
+    def __init__(self, handle, budget: dict):
+        self._handle, self._budget = handle, budget
+
+    def write(self, data):
+        size = len(data) if isinstance(data, str) else memoryview(data).nbytes
+        if size > self._budget["left"]:
+            self._handle.write(data[: self._budget["left"]])
+            self._budget["left"] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget["left"] -= size
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "patched writer"])
+def test_a_full_disk_during_feature_writes_fails_clearly_and_the_rerun_reuses_only_complete_files(
+    tmp_path, monkeypatch, product, disk
+):
+    """The store on a disk that fills up during extraction: a StorageFull error naming the file and
+    the fix (no retry loop: it is not transient), no temporary or truncated feature file left, and
+    once there is room the re-run extracts only the rest; every feature equals a clean run's."""
+    from patchcore import atomic
+    from patchcore.errors import StorageFull
+    from pipeline import steps
+    from pipeline.config import PipelineConfig
+    from pipeline.store import Store
+    from tasks.common import transient_io
+
+    config = tiny_config()
+    clean_store = Store(tmp_path / "clean")
+    clean_manifest = steps.fingerprint_dataset(clean_store, product)
+    clean = steps.extract_features(
+        clean_store, clean_manifest, steps.split_dataset(clean_store, clean_manifest, PipelineConfig()), config
+    )
+    root = tmp_path / "small"
+    with contextlib.ExitStack() as stack:
+        if disk == "tmpfs":
+            grow = stack.enter_context(_small_tmpfs(root, "1m"))  # room for a handful of 147 kB files
+        else:
+            budget = {"left": 900_000}
+            real_fdopen = os.fdopen
+            monkeypatch.setattr(atomic.os, "fdopen", lambda *a, **k: _FillingUp(real_fdopen(*a, **k), budget))
+        store = Store(root / "store")
+        manifest = steps.fingerprint_dataset(store, product)
+        split = steps.split_dataset(store, manifest, PipelineConfig())
+        with pytest.raises(StorageFull, match="no room left on its file system.*run again") as failed:
+            steps.extract_features(store, manifest, split, config)
+        assert not transient_io(None, None, type("State", (), {"result": lambda self, **k: failed.value})())
+        folder = store.path("features", clean.identity)
+        names = sorted(p.name for p in folder.iterdir())
+        assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")], names
+        written = [n for n in names if n.endswith(".npy")]
+        assert 0 < len(written) < clean.n_images
+        for name in written:  # every file that is there is whole
+            assert (
+                np.load(folder / name, allow_pickle=False).shape
+                == np.load(Path(clean.feature_dir) / name, allow_pickle=False).shape
+            )
+        if disk == "tmpfs":
+            grow("64m")
+        else:
+            budget["left"] = 10**12
+        again = steps.extract_features(store, manifest, split, config)
+        assert (again.n_cached, again.n_extracted) == (len(written), clean.n_images - len(written))
+        for name in sorted(p.name for p in Path(clean.feature_dir).glob("*.npy")):
+            assert (folder / name).read_bytes() == (Path(clean.feature_dir) / name).read_bytes(), name
