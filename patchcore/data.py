@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from patchcore.errors import DataError
@@ -121,19 +121,59 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# The full range of each integer grey mode Pillow decodes to (16-bit PNG and TIFF open as I;16*).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The one conversion of a decoded image into the 8-bit RGB the backbone sees, used by training,
+    evaluation, inspection, serving and the validation's statistics alike:
+
+    - EXIF orientation is applied (a photo stored sideways is seen upright);
+    - 16-bit grey (PNG, TIFF: modes I;16*) is scaled by the full range of the type, v * 255 / 65535,
+      rounded, never clipped; 32-bit integer grey (mode I, which Pillow uses for some 16-bit files) the
+      same way when its values fit 16 bits, else refused;
+    - float grey (mode F, e.g. float TIFF) is read as 0..1 (values outside are clipped to it);
+    - 16-bit RGB PNGs are reduced to 8 bits by Pillow itself (the high byte: the same full-range scaling);
+    - palette, 1-bit and CMYK images become RGB by Pillow's conversion; an alpha channel (RGBA, LA,
+      PA, a palette's transparency) is dropped: the colour values are kept as stored.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(
+                f"{mode} image with values in [{values.min()}, {values.max()}]: expected 0..65535 (16-bit grey)"
+            )
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("P", "PA"):  # through RGBA: a palette's transparency is read, then dropped
+        return image.convert("RGBA").convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
 def load_rgb(item: str | Path | np.ndarray | Image.Image) -> Image.Image:
-    """Decode one input to an RGB PIL image (grayscale and RGBA are converted)."""
+    """Decode one input to an 8-bit RGB PIL image (to_rgb: orientation, bit depth, modes)."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
+        if item.dtype == np.uint16 and item.ndim == 2:
+            return to_rgb(Image.fromarray(item))
         if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
-            raise DataError(f"array input must be uint8 HxW, HxWx1, HxWx3 or HxWx4, got {item.dtype} {item.shape}")
-        return Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item).convert("RGB")
+            raise DataError(
+                f"array input must be uint8 HxW, HxWx1, HxWx3 or HxWx4 (or uint16 HxW), got {item.dtype} {item.shape}"
+            )
+        return to_rgb(Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[2] == 1 else item))
     path = Path(item)
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError, UnidentifiedImageError, SyntaxError) as exc:
         raise ImageError(path, _reason(exc)) from None
 

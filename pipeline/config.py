@@ -21,7 +21,8 @@ class ValidationConfig:
     # PIL format names. (Typed Optional only because patchcore.config._coerce reads a plain
     # list[str] hint as str; null is rejected below.)
     formats: list[str] | None = field(default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF"])
-    # Smallest accepted width/height; None = model.image.crop (smaller images would be upsampled).
+    # Smallest accepted width/height; None = pipeline.validation.MIN_USABLE_SIDE_PX (32 px). Images
+    # smaller than model.image.resize pass with a note: the model upsamples them.
     min_side_px: int | None = None
     max_side_px: int = 10000  # larger sides fail (decompression-bomb guard)
     max_pixels: int = 40_000_000  # width x height above this fails, and the file is never decoded

@@ -185,6 +185,8 @@ def _read_under(i: int, path: str, roots: list[Path] | None, max_bytes: int) -> 
 
 
 def _open_checked(i: int, stream: io.BytesIO, limits: dict[str, int]) -> Image.Image:
+    from patchcore.data import DataError, to_rgb  # noqa: PLC0415  (the code path logged with the model)
+
     try:
         with Image.open(stream) as image:  # reads the header only
             width, height = image.size
@@ -198,9 +200,11 @@ def _open_checked(i: int, stream: io.BytesIO, limits: dict[str, int]) -> Image.I
                     f"row {i}: {width}x{height} px; images need at least {limits['min_side_px']} px a side"
                 )
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)  # the library's one decode: orientation, 16-bit, modes
     except RequestError:
         raise
+    except DataError as exc:  # decodable, but not as an image the model can take (e.g. out-of-range 32-bit)
+        raise RequestError(f"row {i}: {exc}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise RequestError(f"row {i}: `image` bytes are not a decodable image ({type(exc).__name__})") from None
 

@@ -39,6 +39,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
 from PIL import Image
 
 from patchcore.atomic import atomic_directory
+from patchcore.data import to_rgb
 from patchcore.digest import model_digest
 from patchcore.paths import home
 from pipeline.config import MlflowConfig, Params, flat_params
@@ -653,7 +654,7 @@ def _input_example(image_path: str | None, meta: dict[str, Any]):
     if image_path is None:
         return None
     with Image.open(image_path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         side = meta["config"]["image"]["resize"]
         if min(image.size) > side:
             image.thumbnail((side * image.size[0] // min(image.size), side * image.size[1] // min(image.size)))

@@ -38,7 +38,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
-from patchcore.data import GOOD, IMAGE_SUFFIXES, DataError, is_mvtec_root
+from patchcore.data import GOOD, IMAGE_SUFFIXES, DataError, is_mvtec_root, to_rgb
 from pipeline.config import Params
 from pipeline.io import plain, recorded_path, write_json
 from pipeline.store import Store
@@ -46,6 +46,11 @@ from pipeline.store import Store
 log = logging.getLogger(__name__)
 
 SUITE_FILE = Path(__file__).with_name("expectations") / "nominal_images.yaml"
+# The smallest side validation accepts by default (validation.min_side_px: null). Every image is
+# resized to model.image.resize, so a smaller one still runs, but below 32 px a side it holds fewer
+# than 2x2 cells of a stride-16 layer (layer3 of the default backbone) of real detail: nothing to
+# compare patches on. Between this and the resize the model upsamples; the report notes it.
+MIN_USABLE_SIDE_PX = 32
 COLUMNS = (
     "path",
     "bytes",
@@ -119,6 +124,7 @@ class ValidationResult:
                 "nothing may be trained on them until they are fixed:"
             )
         lines = [head] + [f"  {f.line()}" for f in self.failures[:limit]]
+        lines += [f"  note: {note}" for note in self.summary.get("notes", [])]
         if len(self.failures) > limit:
             lines.append(f"  ... and {len(self.failures) - limit} more (see {self.failures_path})")
         where = [
@@ -207,13 +213,23 @@ def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: 
     return row
 
 
+def size_notes(table: pd.DataFrame, resize: int) -> list[str]:
+    """What the report says about sizes that pass but are not what the model works at."""
+    sides = pd.concat([table["width"], table["height"]], axis=1).min(axis=1).dropna()
+    small = sides[sides < resize]
+    if small.empty:
+        return []
+    return [
+        f"{len(small)} of {len(sides)} images are smaller than model.image.resize ({resize} px) on their shorter "
+        f"side (smallest {int(small.min())} px): the model upsamples them, so their detail is coarser than "
+        "the backbone's patches assume"
+    ]
+
+
 def _luminance(image: Image.Image) -> np.ndarray:
-    # Grey levels on the 0-255 scale whatever the bit depth, so bands compare across formats.
-    if image.mode.startswith("I;16"):
-        return np.asarray(image, dtype=np.float32) / 257.0
-    if image.mode in ("I", "F"):
-        return np.asarray(image.convert("F"), dtype=np.float32)
-    return np.asarray(image.convert("L"), dtype=np.float32)
+    # Grey levels of exactly what the model sees (the library's one decode, patchcore.data.to_rgb:
+    # 16-bit scaled by the full range, orientation applied), so the statistics describe its input.
+    return np.asarray(to_rgb(image).convert("L"), dtype=np.float32)
 
 
 def _reason(exc: BaseException) -> str:
@@ -315,7 +331,7 @@ def suite_parameters(params: Params, table: pd.DataFrame, reference: dict[str, A
         "formats": [f.upper() for f in v.formats],
         "image_suffixes": list(IMAGE_SUFFIXES),
         "min_images": v.min_images,
-        "min_side_px": v.min_side_px or params.model.image.crop,
+        "min_side_px": v.min_side_px or MIN_USABLE_SIDE_PX,
         "max_side_px": v.max_side_px,
         "max_pixels": v.max_pixels,
         "mode": (reference or {}).get("mode") or ours["mode"],
@@ -428,6 +444,9 @@ def validate_image_set(
         ],
         "stats": stats,
     }
+    summary["notes"] = size_notes(table, params.model.image.resize)
+    for note in summary["notes"]:
+        log.warning("%s: %s", folder, note)
     result = ValidationResult(
         passed=passed, product=product, folder=folder, summary=summary, failures=failures, stats=stats, out_dir=out
     )

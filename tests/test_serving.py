@@ -293,3 +293,19 @@ def test_an_error_answer_never_echoes_the_request():
         {"error_code": "INVALID_PARAMETER_VALUE", "message": "Failed to predict data 'xyz'. \nError: row 3: bad"}
     )
     assert json.loads(clean_error(model.encode()))["message"] == "row 3: bad"
+
+
+def test_a_16_bit_image_is_served_the_score_of_its_8_bit_conversion(server, champion):
+    """Before the fix the server clipped a 16-bit image to flat white and called it anomalous."""
+    import numpy as np
+
+    grey = np.asarray(Image.open(champion["product"] / "test" / "good" / "000.png").convert("L"))
+    encoded = []
+    for array in (grey, grey.astype(np.uint16) * 257):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        encoded.append({"image": base64.b64encode(buffer.getvalue()).decode()})
+    status, answer = post(server["url"], {"dataframe_records": encoded})
+    assert status == 200, answer
+    eight, sixteen = (row["score"] for row in answer["predictions"])
+    assert sixteen == pytest.approx(eight, rel=1e-5)

@@ -116,11 +116,11 @@ BAD_INPUTS = {
         "notes.txt",
     ),
     "mixed modes": (lambda good: texture(2, mode="L").save(good / "002.png"), "002.png", "one colour mode", "L"),
-    "too small": (
-        lambda good: texture(2, side=CROP_PX - 8).save(good / "002.png"),
+    "too small": (  # below the usable floor (32 px by default), not merely below the crop: that is a note
+        lambda good: texture(2, side=20).save(good / "002.png"),
         "002.png",
         "width within",
-        str(CROP_PX - 8),
+        "20",
     ),
     "too large": (lambda good: Image.new("RGB", (2500, 40)).save(good / "002.png"), "002.png", "width within", "2500"),
     "too many pixels": (
