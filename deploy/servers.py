@@ -128,21 +128,30 @@ def _write_auth_config(servers: Servers, client: dict[str, str]) -> None:
 
 
 # -- processes -------------------------------------------------------------------------------------
+def _started(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot) and None for a process that is gone or a
+    zombie: with the pid it identifies the process across pid reuse (after a reboot)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def running(servers: Servers, name: str) -> int | None:
-    """The pid in `name`.pid when that process still exists; a stale pid file is removed."""
+    """The pid in `name`.pid when that very process still runs; a stale pid file (the process is
+    gone, a zombie, or the pid now belongs to another process) is removed."""
     path = servers.pid_file(name)
     try:
-        pid = int(path.read_text().strip())
+        pid_text, _, started = path.read_text().strip().partition(" ")
+        pid = int(pid_text)
     except (OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    now = _started(pid)
+    if now is None or (started and now != started):
         path.unlink(missing_ok=True)
         return None
-    except PermissionError:
-        pass
     return pid
 
 
@@ -158,7 +167,7 @@ def start(servers: Servers, name: str, argv: list[str], env: dict[str, str], cwd
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    servers.pid_file(name).write_text(f"{proc.pid}\n")
+    servers.pid_file(name).write_text(f"{proc.pid} {_started(proc.pid) or ''}\n")
     return proc.pid
 
 
@@ -177,11 +186,7 @@ def stop(servers: Servers, name: str, timeout_s: float = 20.0) -> bool:
             waited, _ = os.waitpid(pid, os.WNOHANG)  # our own child (tests): reap it
         except ChildProcessError:
             waited = 0
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        if waited == pid:
+        if waited == pid or _started(pid) is None:  # reaped, gone, or a zombie nobody reaps
             break
         time.sleep(0.25)
     try:

@@ -157,7 +157,7 @@ def check_consistent(env: dict, product: str = "tiles", final: bool = False) -> 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    data = generate_product(root / "data", "tiles", n_train=16, n_test_good=4, n_test_defect=4, size_px=112, seed=7)
+    data = generate_product(root / "data", "tiles", n_train=12, n_test_good=3, n_test_defect=3, size_px=112, seed=7)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PATCHCORE_WEIGHTS")}
     env |= {"PATCHCORE_HOME": str(root / "home"), "PREFECT_HOME": str(root / "prefect")}
     env.pop("PREFECT_API_URL", None)

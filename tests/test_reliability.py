@@ -176,3 +176,24 @@ def test_a_full_disk_during_feature_writes_fails_clearly_and_the_rerun_reuses_on
         assert (again.n_cached, again.n_extracted) == (len(written), clean.n_images - len(written))
         for name in sorted(p.name for p in Path(clean.feature_dir).glob("*.npy")):
             assert (folder / name).read_bytes() == (Path(clean.feature_dir) / name).read_bytes(), name
+
+
+def test_make_serve_recovers_from_stale_pid_files_after_a_crash_or_a_reboot(tmp_path):
+    """deploy/servers.py: a pid file whose process is gone (a crash), or whose pid now belongs to
+    another process (a reboot: same pid, other start time), is stale: removed, never signalled."""
+    from deploy import servers as stack
+
+    servers = stack.Servers(tmp_path / "home")
+    servers.run_dir.mkdir(parents=True)
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        servers.pid_file("prefect").write_text(f"{child.pid} {stack._started(child.pid)}\n")
+        assert stack.running(servers, "prefect") == child.pid
+        servers.pid_file("mlflow").write_text(f"{child.pid} 1\n")  # same pid, another process's start time
+        assert stack.running(servers, "mlflow") is None and not servers.pid_file("mlflow").exists()
+        assert stack.down(servers) == ["prefect"] and child.wait(timeout=30) is not None
+    finally:
+        child.kill()
+    servers.pid_file("deployments").write_text(f"{child.pid} {stack._started(os.getpid())}\n")  # gone
+    assert stack.running(servers, "deployments") is None and not servers.pid_file("deployments").exists()
+    assert stack.down(servers) == []
