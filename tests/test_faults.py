@@ -81,36 +81,37 @@ def run_until(
     )
     lines: list[str] = []
     sent = False
-    buffer = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=1.0):
-                if proc.poll() is not None:
-                    break
-                continue
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for raw in complete:
-                line = raw.decode(errors="replace")
-                lines.append(line)
-                if marker and action and not sent and marker in line:
-                    action(proc)
-                    sent = True
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"{' '.join(argv[2:4])} still running after {timeout:.0f} s:\n" + "\n".join(lines[-40:]))
-    lines += buffer.decode(errors="replace").splitlines()
-    code = proc.wait(timeout=60)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything the command left running in its group
-    except ProcessLookupError:
-        pass
+        buffer = b""
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not selector.select(timeout=1.0):
+                    if proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                for raw in complete:
+                    line = raw.decode(errors="replace")
+                    lines.append(line)
+                    if marker and action and not sent and marker in line:
+                        action(proc)
+                        sent = True
+            else:
+                pytest.fail(f"{' '.join(argv[2:4])} still running after {timeout:.0f} s:\n" + "\n".join(lines[-40:]))
+        lines += buffer.decode(errors="replace").splitlines()
+        code = proc.wait(timeout=60)
+    finally:  # whatever happened: nothing of the command (its temporary Prefect server) outlives it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     return {"sent": sent, "code": code, "output": "\n".join(lines)}
 
 
