@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -46,6 +47,13 @@ def tiny_config(**overrides) -> PatchCoreConfig:
 
 
 PARAMS = str(REPO / "params.yaml")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for the servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_overrides() -> dict:

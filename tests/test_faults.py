@@ -11,7 +11,6 @@ import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import PARAMS, REPO, tiny_config, tiny_overrides
+from conftest import PARAMS, REPO, free_port, tiny_config, tiny_overrides
 
 from patchcore.synthetic import generate_product
 
@@ -235,12 +234,6 @@ def test_sigterm_and_sigkill_at_each_promotion_stage_leave_the_aliases_consisten
     print(f"\ninterrupted: {interrupted}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_mlflow_server_stopping_during_training_and_promotion_is_a_clear_failure_then_a_clean_retry(
     tmp_path, monkeypatch
 ):
@@ -250,7 +243,7 @@ def test_the_mlflow_server_stopping_during_training_and_promotion_is_a_clear_fai
     stops while the promotion scores: the same clear failure, no alias moved; the rerun promotes."""
     from deploy import servers as stack
 
-    servers = stack.Servers(tmp_path / "home", _free_port(), _free_port())
+    servers = stack.Servers(tmp_path / "home", free_port(), free_port())
     client, secret = stack.ensure_credentials(servers)
     env = {k: v for k, v in os.environ.items() if k not in ("PATCHCORE_WEIGHTS", "PREFECT_API_URL")}
     env |= stack.client_env(servers, client) | {

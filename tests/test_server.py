@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PARAMS, REPO, tiny_overrides
+from conftest import PARAMS, REPO, free_port, tiny_overrides
 from PIL import Image
 
 from patchcore.synthetic import generate_product
@@ -32,12 +31,6 @@ from patchcore.synthetic import generate_product
 pytestmark = pytest.mark.slow
 
 SCHEDULE = "15 4 * * *"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, timeout: float, logs: list[Path]):
@@ -90,7 +83,7 @@ def served(tmp_path_factory):
     from deploy import servers as stack
 
     root = tmp_path_factory.mktemp("server")
-    servers = stack.Servers(root / "home", _free_port(), _free_port())
+    servers = stack.Servers(root / "home", free_port(), free_port())
     data_root = root / "data"
     generate_product(data_root, "tiles", n_train=16, n_test_good=4, n_test_defect=4, size_px=112, seed=3)
     params = _params_file(root / "params.yaml")

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PARAMS, REPO, pipeline_home, tiny_overrides
+from conftest import PARAMS, REPO, free_port, pipeline_home, tiny_overrides
 from PIL import Image
 
 TINY = tiny_overrides()
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
