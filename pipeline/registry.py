@@ -354,11 +354,15 @@ class Registry:
         self.set_alias(product, PREVIOUS, state["previous"])
         self.set_alias(product, CHAMPION, state["champion"])  # last: what serving resolves
 
-    def pending_champion_change(self, product: str) -> dict[str, Any] | None:
-        try:
-            text = self.client.get_registered_model(self.model_name(product)).tags.get(PENDING_TAG)
-        except MlflowException:  # nothing registered yet
-            return None
+    def pending_champion_change(self, product: str, model=None) -> dict[str, Any] | None:
+        """The journalled move of a cut-short champion change, or None (`model`: the registered
+        model when the caller already has it)."""
+        if model is None:
+            try:
+                model = self.client.get_registered_model(self.model_name(product))
+            except MlflowException:  # nothing registered yet
+                return None
+        text = model.tags.get(PENDING_TAG)
         if not text:
             return None
         try:
@@ -756,7 +760,7 @@ def status(registry: Registry, product: str | None = None) -> dict[str, Any]:
         )
         entry["latest_version"] = str(latest[0].version) if latest else None
         entry["incomplete_registrations"] = [str(mv.version) for mv in registry.incomplete(name)]
-        pending = registry.pending_champion_change(name)
+        pending = registry.pending_champion_change(name, model)
         entry["champion_change_pending"] = (pending.get("after") or {}).get("champion", "?") if pending else None
         out["products"][name] = entry
     return out
