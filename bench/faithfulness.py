@@ -303,8 +303,8 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
     batch_features = model._batch_features
 
     def recording_batch_features(images):  # pass-through: keep the test embeddings predict computes
-        feats = batch_features(images)
-        captured.append(feats.reshape(-1, feats.shape[-1]).cpu().numpy().astype(np.float32))
+        feats = batch_features(images)  # one (h, w, dim) tensor per image
+        captured.extend(f.reshape(-1, f.shape[-1]).cpu().numpy().astype(np.float32) for f in feats)
         return feats
 
     model._batch_features = recording_batch_features
@@ -312,7 +312,7 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
     t2 = time.perf_counter()
     return {
         "scores": np.asarray(pred.scores, dtype=np.float64),
-        "maps": pred.anomaly_maps,
+        "maps": np.stack(pred.input_maps),  # the crop x crop maps, the frame the reference's maps have
         "bank": np.asarray(model.memory_bank_, dtype=np.float32),
         "test_features": np.concatenate(captured),
         "bank_shape": list(model.memory_bank_.shape),

@@ -38,6 +38,7 @@ def _config_from_args(args: argparse.Namespace) -> PatchCoreConfig:
         "backbone.weights_sha256": args.weights_sha256,
         "coreset.fraction": args.coreset,
         "runtime.seed": args.seed,
+        "image.mode": args.mode,
         "image.resize": args.resize,
         "image.crop": args.crop,
         "runtime.device": args.device,
@@ -77,9 +78,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     Path(args.out).write_text(json.dumps(records, indent=2))
     print(f"scores: {args.out} ({len(records)} images)")
     if args.maps:
-        written = write_overlays(
-            predictions.items, predictions.anomaly_maps, args.maps, model.config.image.resize, model.config.image.crop
-        )
+        written = write_overlays(predictions.items, predictions.anomaly_maps, args.maps)
         print(f"heatmaps: {args.maps} ({len(written)} PNG)")
     return 0
 
@@ -119,7 +118,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-sha256", help="expected sha256 of the weights file")
     p.add_argument("--coreset", type=float, help="coreset fraction in (0, 1]; 1.0 keeps every patch (default 0.1)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resize", type=int, help="shorter side before the centre crop (default 256)")
+    p.add_argument(
+        "--mode",
+        choices=("center_crop", "full_frame", "tiled"),
+        help="how images become the model's input (default center_crop; see model.image.mode in params.yaml)",
+    )
+    p.add_argument("--resize", type=int, help="shorter side the image is resized to (default 256)")
     p.add_argument("--crop", type=int, help="centre crop size in pixels (default 224)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. scoring.k=3 (repeatable)")

@@ -48,8 +48,13 @@ class BackboneConfig:
 
 @dataclass
 class ImageConfig:
-    resize: int = 256  # shorter side, before the centre crop
-    crop: int = 224  # square centre crop; anomaly maps have this resolution
+    # center_crop (the paper's) | full_frame (whole image, aspect kept) | tiled (whole image in
+    # overlapping tiles); patchcore/geometry.py defines each, the README compares them on MTD.
+    mode: str = "center_crop"
+    resize: int = 256  # the shorter side the image is resized to (center_crop: before the crop)
+    crop: int = 224  # center_crop: side of the square centre crop (unused by the other modes)
+    tile_size: int = 224  # tiled: side of a tile (a multiple of 16), in resized pixels
+    tile_overlap: float = 0.25  # tiled: at least this share of a tile overlaps its neighbour
 
 
 @dataclass
@@ -105,8 +110,21 @@ class PatchCoreConfig:
     def validate(self) -> None:
         c = self
         _check(
-            c.image.crop > 0 and c.image.resize >= c.image.crop,
-            f"image.resize ({c.image.resize}) must be >= image.crop ({c.image.crop}) > 0",
+            c.image.mode in ("center_crop", "full_frame", "tiled"),
+            f"image.mode must be center_crop, full_frame or tiled, got {c.image.mode!r}",
+        )
+        _check(
+            c.image.crop > 0 and c.image.resize >= (c.image.crop if c.image.mode == "center_crop" else 32),
+            f"image.resize ({c.image.resize}) must be >= image.crop ({c.image.crop}) > 0 in center_crop mode, "
+            "and >= 32 in the others",
+        )
+        _check(
+            c.image.tile_size >= 32 and c.image.tile_size % 16 == 0,
+            f"image.tile_size must be a multiple of 16, at least 32, got {c.image.tile_size}",
+        )
+        _check(
+            0.0 <= c.image.tile_overlap <= 0.75,
+            f"image.tile_overlap must be in [0, 0.75], got {c.image.tile_overlap}",
         )
         _check(
             c.features.patch_size >= 1 and c.features.patch_size % 2 == 1,

@@ -7,14 +7,13 @@ Must never import prefect, mlflow, dvc or great_expectations.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import transforms
 
 from patchcore.errors import DataError
 
@@ -178,45 +177,42 @@ def load_rgb(item: str | Path | np.ndarray | Image.Image) -> Image.Image:
         raise ImageError(path, _reason(exc)) from None
 
 
-def image_transform(resize: int, crop: int, mean, std) -> transforms.Compose:
-    # PIL-based torchvision transforms, exactly as the reference preprocesses (antialiased bilinear).
-    return transforms.Compose(
-        [
-            transforms.Resize(resize),
-            transforms.CenterCrop(crop),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
-
-
-def load_mask(path: Path | None, resize: int, crop: int) -> np.ndarray:
-    """Ground-truth mask resized/cropped like its image (nearest neighbour), as bool (crop, crop)."""
+def load_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask of an image of (height, width) `shape`, at that full resolution, as bool
+    (nearest-neighbour resized when the mask file has another size; no mask: all False)."""
     if path is None:
-        return np.zeros((crop, crop), dtype=bool)
+        return np.zeros(shape, dtype=bool)
     with Image.open(path) as mask:
-        mask = mask.convert("L")
-        mask = transforms.CenterCrop(crop)(transforms.Resize(resize, transforms.InterpolationMode.NEAREST)(mask))
-    return np.asarray(mask) > 127
+        mask = ImageOps.exif_transpose(mask).convert("L")
+        if mask.size != (shape[1], shape[0]):
+            mask = mask.resize((shape[1], shape[0]), Image.NEAREST)
+        return np.asarray(mask) > 127
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items (paths, arrays or PIL images) -> normalised tensors; errors travel as ImageError."""
+    """Items (paths, arrays or PIL images) -> (normalised tensor, position, (height, width) of the
+    decoded image); errors travel as ImageError."""
 
-    def __init__(self, items: Sequence, transform: transforms.Compose):
+    def __init__(self, items: Sequence, transform: Callable):
         self.items = list(items)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.items[index])), index
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        image = load_rgb(self.items[index])
+        return self.transform(image), index, (image.height, image.width)
 
 
-def make_loader(
-    items: Sequence, transform: transforms.Compose, batch_size: int, num_workers: int
-) -> torch.utils.data.DataLoader:
+def collate(batch: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, list[tuple[int, int]]]:
+    """(images stacked when they share a shape, else a list; positions; original sizes)."""
+    images = [b[0] for b in batch]
+    same = all(i.shape == images[0].shape for i in images)
+    return (torch.stack(images) if same else images), torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
+
+
+def make_loader(items: Sequence, transform: Callable, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
     # Workers decode and resize the next batches while the backbone runs on the current one.
     workers = num_workers if len(items) > batch_size else 0
     return torch.utils.data.DataLoader(
@@ -226,4 +222,5 @@ def make_loader(
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
+        collate_fn=collate,
     )

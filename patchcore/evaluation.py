@@ -37,21 +37,19 @@ class Evaluation:
     per_defect_type: dict[str, dict[str, Any]]
     samples: list[Sample]
     predictions: Predictions
-    masks: np.ndarray | None = field(repr=False, default=None)
+    masks: list[np.ndarray] | None = field(repr=False, default=None)
 
     def summary(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "per_defect_type": self.per_defect_type}
 
 
 def labelled_metrics(
-    samples: Sequence[Sample],
-    scores: np.ndarray,
-    maps: np.ndarray | None,
-    resize: int,
-    crop: int,
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], np.ndarray | None]:
+    samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray] | None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], list[np.ndarray] | None]:
     """Threshold-free figures of labelled samples (good and defective both present) from their
-    image scores and, when given, anomaly maps: (metrics, per_defect_type, masks or None)."""
+    image scores and, when given, anomaly maps in image coordinates (Predictions.anomaly_maps):
+    (metrics, per_defect_type, masks or None). Masks are read at each image's full resolution, so
+    pixel AUROC and PRO cover the whole frame whatever part of it the model's mode looks at."""
     labels = np.array([s.label for s in samples])
     scores = np.asarray(scores, dtype=np.float64)
     if not ((labels == 0).any() and (labels == 1).any()):
@@ -67,9 +65,13 @@ def labelled_metrics(
     known = np.array([s.label == 0 or s.mask_path is not None for s in samples])
     masks = None
     if maps is not None and any(s.label == 1 and s.mask_path is not None for s in samples):
-        masks = np.stack([load_mask(s.mask_path, resize, crop) for s in samples])
-        out["pixel_auroc"] = metrics.pixel_auroc(masks[known], maps[known])
-        out["pro"] = metrics.pro_auc(masks[known], maps[known])
+        masks = [load_mask(s.mask_path, np.shape(m)) for s, m in zip(samples, maps)]
+
+        def chosen(rows: np.ndarray) -> tuple[list, list]:
+            return [masks[i] for i in np.flatnonzero(rows)], [maps[i] for i in np.flatnonzero(rows)]
+
+        out["pixel_auroc"] = metrics.pixel_auroc(*chosen(known))
+        out["pro"] = metrics.pro_auc(*chosen(known))
     good = labels == 0
     per_type: dict[str, dict[str, Any]] = {}
     for defect in sorted({s.defect_type for s in samples if s.label == 1}):
@@ -78,9 +80,8 @@ def labelled_metrics(
             "n_images": int(sel.sum()),
             "image_auroc": metrics.image_auroc(labels[sel | good], scores[sel | good]),
         }
-        if masks is not None and masks[sel & known].any():
-            with_mask = (sel & known) | good
-            row["pro"] = metrics.pro_auc(masks[with_mask], maps[with_mask])
+        if masks is not None and any(masks[i].any() for i in np.flatnonzero(sel & known)):
+            row["pro"] = metrics.pro_auc(*chosen((sel & known) | good))
         per_type[defect] = row
     return out, per_type, masks
 
@@ -103,9 +104,8 @@ def evaluate(
     per_type: dict[str, dict[str, Any]] = {}
     masks = None
     if result["n_good"] and result["n_defect"]:
-        cfg = model.config.image
         figures, per_type, masks = labelled_metrics(
-            samples, predictions.scores, predictions.anomaly_maps if want_maps else None, cfg.resize, cfg.crop
+            samples, predictions.scores, predictions.anomaly_maps if want_maps else None
         )
         result.update(figures)
     return Evaluation(result, per_type, samples, predictions, masks)

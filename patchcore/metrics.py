@@ -80,25 +80,32 @@ def _require_both_classes(y: np.ndarray, what: str) -> None:
         )
 
 
-def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
-    m = np.asarray(masks)
-    a = np.asarray(maps)
-    # A single (H, W) image is accepted as a batch of one for convenience.
-    if m.ndim == 2:
-        m = m[None]
-    if a.ndim == 2:
-        a = a[None]
-    if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(f"masks and maps must have shape (N, H, W), got {m.shape} and {a.shape}")
-    if m.shape != a.shape:
-        raise ValueError(f"masks shape {m.shape} does not match maps shape {a.shape}")
-    if m.size == 0:
+def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Masks and maps of N images -> (every pixel's label, every pixel's score, the masks one by one).
+
+    Either an (N, H, W) array each (a single (H, W) image is a batch of one), or sequences of (H_i, W_i)
+    arrays: images of different sizes (maps in each image's own coordinates), mask i matching map i."""
+    if isinstance(masks, np.ndarray) and masks.ndim == 2:
+        masks = masks[None]
+    if isinstance(maps, np.ndarray) and maps.ndim == 2:
+        maps = maps[None]
+    if isinstance(masks, np.ndarray) and masks.ndim != 3 or isinstance(maps, np.ndarray) and maps.ndim != 3:
+        raise ValueError(
+            f"masks and maps must have shape (N, H, W), got {np.shape(masks)} and {np.shape(maps)}"
+        )
+    mask_list, map_list = [np.asarray(m) != 0 for m in masks], [np.asarray(a) for a in maps]
+    if len(mask_list) != len(map_list):
+        raise ValueError(f"{len(mask_list)} masks for {len(map_list)} maps")
+    for i, (m, a) in enumerate(zip(mask_list, map_list)):
+        if m.ndim != 2 or m.shape != a.shape:
+            raise ValueError(f"mask {i} shape {m.shape} does not match its map's shape {a.shape}")
+    if not mask_list or sum(m.size for m in mask_list) == 0:
         raise ValueError("masks and maps are empty")
     # float32 keeps ~600 MVTec-sized maps (30M pixels) around 120 MB per copy.
-    a = np.asarray(a, dtype=np.float32)
+    a = np.concatenate([np.asarray(x, dtype=np.float32).ravel() for x in map_list])
     if not np.all(np.isfinite(a)):
         raise ValueError("maps contain NaN or infinite values")
-    return m != 0, a
+    return np.concatenate([m.ravel() for m in mask_list]), a, mask_list
 
 
 def image_auroc(labels, scores) -> float:
@@ -116,16 +123,16 @@ def pixel_auroc(masks, maps) -> float:
     """ROC AUC over every pixel of every image (the usual "pixel AUROC").
 
     ``masks`` and ``maps`` have shape ``(N, H, W)`` (a single ``(H, W)``
-    image is also accepted). Maps are handled as float32 to keep memory
+    image is also accepted), or are sequences of ``(H_i, W_i)`` arrays for
+    images of different sizes. Maps are handled as float32 to keep memory
     bounded for full test sets.
     """
-    m, a = _masks_and_maps(masks, maps)
-    y = m.ravel()
+    y, a, _ = _masks_and_maps(masks, maps)
     _require_both_classes(y, "pixel_auroc (pixels)")
-    return float(roc_auc_score(y, a.ravel()))
+    return float(roc_auc_score(y, a))
 
 
-def _region_weights(masks: np.ndarray) -> np.ndarray:
+def _region_weights(masks) -> np.ndarray:
     """Weight per defect pixel such that summing weights of pixels above a
     threshold gives the mean per-region overlap (PRO) at that threshold."""
     # 8-connectivity, as in the reference MVTec AD evaluation code.
@@ -154,8 +161,8 @@ def pro_curve(masks, maps, num_thresholds: int | None = None) -> tuple[np.ndarra
     used by some other implementations). The point ``(0, 0)``, i.e. a
     threshold above every score, is always included.
     """
-    m, a = _masks_and_maps(masks, maps)
-    defect_weights = _region_weights(m)
+    m, a, mask_list = _masks_and_maps(masks, maps)
+    defect_weights = _region_weights(mask_list)  # in the order of a[m]: image by image, row-major
     defect_scores = a[m]
     normal_scores = np.sort(a[~m], kind="stable")
     if normal_scores.size == 0:

@@ -41,10 +41,11 @@ from patchcore.backbone import (
 )
 from patchcore.config import BackboneConfig, PatchCoreConfig, env_weights
 from patchcore.coreset import GreedySelection
-from patchcore.data import Sample, check_readable, image_transform, make_loader, resolve_samples
+from patchcore.data import Sample, check_readable, make_loader, resolve_samples
 from patchcore.digest import MODEL_JSON, model_digest
 from patchcore.errors import ModelFileError
 from patchcore.features import patch_features
+from patchcore.geometry import image_transform, tiled_features, to_image_frame
 from patchcore.knn import FaissIndex, make_index
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,14 @@ class Predictions:
     """Scores for a batch of images, in input order."""
 
     scores: np.ndarray  # (N,) image anomaly scores
-    anomaly_maps: np.ndarray | None  # (N, crop, crop) float32, smoothed, or None
+    # One float32 map per image at the image's own (height, width), smoothed: image coordinates in
+    # every mode (center_crop: 0 where the crop does not reach); None when maps were not asked for.
+    anomaly_maps: list[np.ndarray] | None
     items: list  # the inputs (paths, arrays, ...) in order
     threshold: float | None = None
+    # The same maps on the model's input (center_crop: the crop x crop square the reference's maps
+    # cover; the full-image modes: the resized image), before they are laid back onto the image.
+    input_maps: list[np.ndarray] | None = None
 
     @property
     def is_anomalous(self) -> np.ndarray | None:
@@ -141,17 +147,36 @@ class PatchCore:
             extractor = FeatureExtractor(model, layers, timm_model=cfg.backbone.name.startswith(TIMM_PREFIX))
             extractor = extractor.to(device=device, memory_format=torch.channels_last).eval()
             self.weights_, self.layers_ = identity, layers
-            self._runtime = _Runtime(
-                extractor, device, image_transform(cfg.image.resize, cfg.image.crop, identity.mean, identity.std)
-            )
+            self._runtime = _Runtime(extractor, device, image_transform(cfg.image, identity.mean, identity.std))
         return self._runtime
 
-    def _batch_features(self, images: torch.Tensor) -> torch.Tensor:
+    def _backbone_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, h, w, target_dim) patch features."""
         rt = self._runtime
         images = images.to(rt.device, memory_format=torch.channels_last, non_blocking=True)
         f = self.config.features
         with torch.inference_mode():
             return patch_features(rt.extractor(images), f.patch_size, f.pretrain_dim, f.target_dim)
+
+    def _batch_features(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """A loader batch (stacked, or a list when the images' sizes differ) -> each image's
+        (h, w, target_dim) patch features, in batch order (model.image.mode: patchcore.geometry)."""
+        image = self.config.image
+        if image.mode == "tiled":
+            return [
+                tiled_features(x, image.tile_size, image.tile_overlap, self._backbone_patches, self.config.runtime.batch_size)
+                for x in batch
+            ]
+        if isinstance(batch, torch.Tensor):
+            return list(self._backbone_patches(batch))
+        out: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(batch):
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+        for members in by_shape.values():  # one forward pass per size
+            for i, feats in zip(members, self._backbone_patches(torch.stack([batch[i] for i in members]))):
+                out[i] = feats
+        return out
 
     def embed(
         self, images: Any, progress: bool = True, desc: str = "extracting features"
@@ -162,11 +187,10 @@ class PatchCore:
         cfg = self.config.runtime
         loader = make_loader(items, rt.transform, cfg.batch_size, cfg.num_workers)
         with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
-            for batch, positions in loader:
-                feats = self._batch_features(batch)
-                self.grid_ = tuple(feats.shape[1:3])
-                flat = feats.reshape(feats.shape[0], -1, feats.shape[-1]).cpu().numpy()
-                yield from zip(positions.tolist(), flat)
+            for batch, positions, _ in loader:
+                for position, feats in zip(positions.tolist(), self._batch_features(batch)):
+                    self.grid_ = tuple(feats.shape[:2])  # the last image's (full-image modes: it varies)
+                    yield position, feats.reshape(-1, feats.shape[-1]).cpu().numpy()
                 bar.update(len(positions))
 
     # -- fit -----------------------------------------------------------------------------
@@ -312,12 +336,13 @@ class PatchCore:
         weight = 1.0 - float(np.exp(d_star - np.logaddexp.reduce(dists.astype(np.float64))))
         return weight * score
 
-    def anomaly_maps(self, patch_grid_scores: np.ndarray) -> np.ndarray:
-        """(B, h, w) patch scores -> (B, crop, crop) maps: bilinear upsampling, Gaussian smoothing."""
+    def anomaly_maps(self, patch_grid_scores: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(B, h, w) patch scores -> (B, *size) maps on the model's input (default: crop x crop):
+        bilinear upsampling, Gaussian smoothing."""
         crop = self.config.image.crop
         up = F.interpolate(
-            torch.from_numpy(patch_grid_scores).float()[:, None],
-            size=(crop, crop),
+            torch.from_numpy(np.ascontiguousarray(patch_grid_scores)).float()[:, None],
+            size=size or (crop, crop),
             mode="bilinear",
             align_corners=False,
         )[:, 0].numpy()
@@ -332,21 +357,27 @@ class PatchCore:
         items = _as_items(images)
         cfg = self.config
         loader = make_loader(items, rt.transform, cfg.runtime.batch_size, cfg.runtime.num_workers)
+        image = cfg.image
         scores = np.empty(len(items), dtype=np.float64)
-        all_maps = np.empty((len(items), cfg.image.crop, cfg.image.crop), np.float32) if maps else None
+        image_maps: list = [None] * len(items) if maps else None
+        input_maps: list = [None] * len(items) if maps else None
         with tqdm(total=len(items), desc="scoring", unit="img", disable=not progress) as bar:
-            for batch, positions in loader:
+            for batch, positions, sizes in loader:
                 feats = self._batch_features(batch)
-                b, h, w, d = feats.shape
-                flat = feats.reshape(-1, d).cpu().numpy()
-                patch, nearest = self.patch_scores(flat)
-                patch, nearest, flat = patch.reshape(b, h * w), nearest.reshape(b, h * w), flat.reshape(b, h * w, d)
+                flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).cpu().numpy()
+                patch, nearest = self.patch_scores(flat)  # one search for the whole batch
+                start = 0
                 for i, pos in enumerate(positions.tolist()):
-                    scores[pos] = self._image_score(flat[i], patch[i], nearest[i])
-                if maps:
-                    all_maps[positions.numpy()] = self.anomaly_maps(patch.reshape(b, h, w))
-                bar.update(b)
-        return Predictions(scores, all_maps, items, self.threshold_)
+                    grid = tuple(feats[i].shape[:2])
+                    rows = slice(start, start + grid[0] * grid[1])
+                    start = rows.stop
+                    scores[pos] = self._image_score(flat[rows], patch[rows], nearest[rows])
+                    if maps:
+                        on_input = self.anomaly_maps(patch[rows].reshape(1, *grid), tuple(batch[i].shape[-2:]))[0]
+                        input_maps[pos] = on_input
+                        image_maps[pos] = to_image_frame(on_input, image.mode, image.resize, image.crop, sizes[i])
+                bar.update(len(positions))
+        return Predictions(scores, image_maps, items, self.threshold_, input_maps)
 
     # -- calibration -------------------------------------------------------------------------
     def set_threshold(self, threshold: float, rule: str, **details: Any) -> PatchCore:

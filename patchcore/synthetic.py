@@ -78,22 +78,23 @@ def _style(seed: int, product: str, color: bool) -> _Style:
     return _Style(angles, cycles, (0.6, 0.4), light, dark, spot)
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     return yy, xx
 
 
-def _nominal(style: _Style, rng: np.random.Generator, size: int, color: bool) -> np.ndarray:
-    """A defect-free surface as float RGB in [0, 1], shape (size, size, 3)."""
-    yy, xx = _grid(size)
-    pattern = np.zeros((size, size))
+def _nominal(style: _Style, rng: np.random.Generator, shape: tuple[int, int], color: bool) -> np.ndarray:
+    """A defect-free surface as float RGB in [0, 1], shape (height, width, 3)."""
+    yy, xx = _grid(shape)
+    size = shape[1]  # gratings: cycles per image width
+    pattern = np.zeros(shape)
     for angle, cycles, weight in zip(style.angles, style.cycles, style.weights):
         angle = angle + rng.normal(0.0, math.radians(2.0))
         cycles = cycles * rng.normal(1.0, 0.02)
         phase = rng.uniform(0.0, 2 * math.pi)
         along = xx * math.cos(angle) + yy * math.sin(angle)
         pattern += weight * np.cos(2 * math.pi * cycles * along / size + phase)
-    noise = rng.standard_normal((size, size))
+    noise = rng.standard_normal(shape)
     smooth = ndimage.gaussian_filter(noise, sigma=size / 40, mode="wrap")
     smooth /= smooth.std() + 1e-12
     tone = np.clip(0.5 + 0.5 * pattern / sum(style.weights) + 0.08 * smooth, 0.0, 1.0)
@@ -112,11 +113,24 @@ def _segment_distance(yy, xx, p0, p1) -> np.ndarray:
     return np.hypot(yy - (p0[0] + t * d[0]), xx - (p0[1] + t * d[1]))
 
 
-def _scratch(img, rng, size):
-    yy, xx = _grid(size)
-    center = rng.uniform(0.3 * size, 0.7 * size, size=2)
+def _centre(rng, shape, low: float, high: float, at_edges: bool) -> np.ndarray:
+    """A defect's centre, (row, column): within [low, high] of each side, or (`at_edges`) in the
+    outer 3-12 % of the longer side, at either end (where a centre crop does not reach)."""
+    extent = np.array(shape, dtype=np.float64)
+    center = rng.uniform(low * extent, high * extent, size=2)
+    if at_edges:
+        axis = int(np.argmax(extent))
+        offset = rng.uniform(0.03, 0.12) * extent[axis]
+        center[axis] = offset if rng.random() < 0.5 else extent[axis] - offset
+    return center
+
+
+def _scratch(img, rng, shape, at_edges=False):
+    yy, xx = _grid(shape)
+    size = min(shape)
+    center = _centre(rng, shape, 0.3, 0.7, at_edges)
     angle = rng.uniform(0.0, math.pi)
-    half_length = 0.5 * rng.uniform(0.3, 0.55) * size
+    half_length = 0.5 * rng.uniform(0.3, 0.55) * (size * 0.4 if at_edges else size)
     direction = np.array([math.sin(angle), math.cos(angle)])
     half_width = max(0.75, rng.uniform(0.7, 1.2) * size / 128)
     start, end = center - half_length * direction, center + half_length * direction
@@ -127,9 +141,10 @@ def _scratch(img, rng, size):
     return out, mask
 
 
-def _spot(img, rng, size, style):
-    yy, xx = _grid(size)
-    center = rng.uniform(0.2 * size, 0.8 * size, size=2)
+def _spot(img, rng, shape, style, at_edges=False):
+    yy, xx = _grid(shape)
+    size = min(shape)
+    center = _centre(rng, shape, 0.2, 0.8, at_edges)
     radius = rng.uniform(0.05, 0.09) * size
     theta = np.arctan2(yy - center[0], xx - center[1])
     # A wobbly outline (low harmonics) looks like a stain rather than a disc.
@@ -143,10 +158,11 @@ def _spot(img, rng, size, style):
     return out, mask
 
 
-def _missing(img, rng, size):
-    yy, xx = _grid(size)
-    center = rng.uniform(0.25 * size, 0.75 * size, size=2)
-    half = 0.5 * rng.uniform(0.12, 0.22, size=2) * size
+def _missing(img, rng, shape, at_edges=False):
+    yy, xx = _grid(shape)
+    size = min(shape)
+    center = _centre(rng, shape, 0.25, 0.75, at_edges)
+    half = 0.5 * rng.uniform(0.12, 0.22, size=2) * (size * 0.6 if at_edges else size)
     angle = rng.uniform(0.0, math.pi)
     c, s = math.cos(angle), math.sin(angle)
     u = (xx - center[1]) * c + (yy - center[0]) * s
@@ -171,6 +187,8 @@ def render_sample(
     size_px: int = 128,
     seed: int = 0,
     color: bool = True,
+    width_px: int | None = None,
+    defects_at: str = "anywhere",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one image exactly as :func:`generate_product` writes it.
 
@@ -181,6 +199,9 @@ def render_sample(
     ``(H, W, 3)`` if ``color`` else ``(H, W)``; ``nominal`` is the same image
     before the defect was planted (equal to ``image`` for good samples);
     ``mask`` is a bool ``(H, W)`` array, all False for good samples.
+
+    ``size_px`` is the height and ``width_px`` (default: the same) the width; ``defects_at="edges"``
+    plants every defect near an end of the longer side, where a centre crop does not look.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -188,23 +209,32 @@ def render_sample(
         raise ValueError(f"kind must be 'good' or one of {DEFECT_TYPES}, got {kind!r}")
     if split == "train" and kind != "good":
         raise ValueError("the train split only contains good images")
-    if size_px < 32:
-        raise ValueError(f"size_px must be at least 32, got {size_px}")
+    shape = _shape(size_px, width_px, defects_at)
     if index < 0:
         raise ValueError(f"index must be non-negative, got {index}")
 
     style = _style(seed, product, color)
     rng = np.random.default_rng([seed, _product_key(product), _SPLITS.index(split), _KINDS.index(kind), index])
-    nominal = _nominal(style, rng, size_px, color)
+    nominal = _nominal(style, rng, shape, color)
+    edges = defects_at == "edges"
     if kind == "scratch":
-        image, mask = _scratch(nominal, rng, size_px)
+        image, mask = _scratch(nominal, rng, shape, edges)
     elif kind == "spot":
-        image, mask = _spot(nominal, rng, size_px, style)
+        image, mask = _spot(nominal, rng, shape, style, edges)
     elif kind == "missing":
-        image, mask = _missing(nominal, rng, size_px)
+        image, mask = _missing(nominal, rng, shape, edges)
     else:
-        image, mask = nominal, np.zeros((size_px, size_px), dtype=bool)
+        image, mask = nominal, np.zeros(shape, dtype=bool)
     return _to_uint8(image, color), mask, _to_uint8(nominal, color)
+
+
+def _shape(size_px: int, width_px: int | None, defects_at: str) -> tuple[int, int]:
+    width = size_px if width_px is None else width_px
+    if min(size_px, width) < 32:
+        raise ValueError(f"size_px and width_px must be at least 32, got {size_px} x {width}")
+    if defects_at not in ("anywhere", "edges"):
+        raise ValueError(f"defects_at must be 'anywhere' or 'edges', got {defects_at!r}")
+    return size_px, width
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -223,6 +253,8 @@ def generate_product(
     size_px: int = 128,
     seed: int = 0,
     color: bool = True,
+    width_px: int | None = None,
+    defects_at: str = "anywhere",
 ) -> Path:
     """Write a synthetic product in MVTec AD layout and return its folder.
 
@@ -233,7 +265,8 @@ def generate_product(
         test/<defect>/000.png ...               n_test_defect per defect type
         ground_truth/<defect>/000_mask.png ...  one mask per defective image
 
-    with ``<defect>`` in :data:`DEFECT_TYPES`. Images are ``size_px`` square,
+    with ``<defect>`` in :data:`DEFECT_TYPES`. Images are ``size_px`` square
+    (or ``size_px`` high and ``width_px`` wide; see :func:`render_sample` for ``defects_at``),
     RGB if ``color`` else greyscale; masks are single-channel uint8 with 255
     exactly on the planted defect and 0 elsewhere.
 
@@ -254,8 +287,7 @@ def generate_product(
             raise ValueError(f"{name} must be non-negative, got {value}")
     if n_train < 1:
         raise ValueError("n_train must be at least 1: a model needs training images")
-    if size_px < 32:
-        raise ValueError(f"size_px must be at least 32, got {size_px}")
+    _shape(size_px, width_px, defects_at)
 
     folder = Path(root) / product
     plan: list[tuple[str, str, int, Path, Path | None]] = []
@@ -286,7 +318,15 @@ def generate_product(
 
     for split, kind, i, img_path, mask_path in plan:
         image, mask, _ = render_sample(
-            product, split=split, kind=kind, index=i, size_px=size_px, seed=seed, color=color
+            product,
+            split=split,
+            kind=kind,
+            index=i,
+            size_px=size_px,
+            seed=seed,
+            color=color,
+            width_px=width_px,
+            defects_at=defects_at,
         )
         img_path.parent.mkdir(parents=True, exist_ok=True)
         _save_png(image, img_path)
@@ -313,7 +353,14 @@ def main(argv=None) -> int:
     add("--n-train", type=int, default=40, help="good training images (default: 40)")
     add("--n-test-good", type=int, default=10, help="good test images (default: 10)")
     add("--n-test-defect", type=int, default=8, help="test images per defect type (default: 8)")
-    add("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    add("--size", type=int, default=128, help="image side (height) in pixels (default: 128)")
+    add("--width", type=int, default=None, help="image width in pixels (default: --size, square)")
+    add(
+        "--defects-at",
+        choices=("anywhere", "edges"),
+        default="anywhere",
+        help="edges: plant defects near the ends of the longer side, outside a centre crop",
+    )
     add("--grayscale", action="store_true", help="write single-channel images instead of RGB")
     args = parser.parse_args(argv)
 
@@ -327,6 +374,8 @@ def main(argv=None) -> int:
             size_px=args.size,
             seed=args.seed,
             color=not args.grayscale,
+            width_px=args.width,
+            defects_at=args.defects_at,
         )
     except (ValueError, FileExistsError) as exc:
         parser.error(str(exc))

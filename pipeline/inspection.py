@@ -94,13 +94,7 @@ def inspect_images(
     if maps:
         from patchcore.viz import write_overlays  # noqa: PLC0415  # lazy: matplotlib, only when heatmaps are drawn
 
-        heatmaps = write_overlays(
-            predictions.items,
-            predictions.anomaly_maps,
-            out / "heatmaps",
-            model.config.image.resize,
-            model.config.image.crop,
-        )
+        heatmaps = write_overlays(predictions.items, predictions.anomaly_maps, out / "heatmaps")
     return Inspection(
         product=product,
         model=name,

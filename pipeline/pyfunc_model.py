@@ -19,7 +19,7 @@ uint8 arrays (H×W, H×W×1, H×W×3 or H×W×4) go through `to_model_input(...)
 PNG bytes; it also accepts paths and bytes.
 Params: `return_maps` (bool, default false) adds the anomaly map of each image.
 Output: a DataFrame with `score` (float), `is_anomalous` (score >= threshold), `threshold`, and with
-return_maps an `anomaly_map` column (crop×crop float32 arrays).
+return_maps an `anomaly_map` column (float32 arrays of each image's own height x width: image coordinates).
 
 Backbone weights are rebuilt on load from the identity in model.json: `random` from its seed,
 `imagenet` from the torchvision/timm cache of the serving machine, a weights file from

@@ -118,7 +118,7 @@ class Evaluation(StepResult):
 
     @property
     def maps_path(self) -> Path:
-        return Path(self.evaluation_dir) / "maps.npy"
+        return Path(self.evaluation_dir) / "maps.npz"
 
 
 @dataclass(frozen=True)

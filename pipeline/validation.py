@@ -213,17 +213,33 @@ def inspect_image(path: str | Path, root: str | Path | None = None, max_pixels: 
     return row
 
 
-def size_notes(table: pd.DataFrame, resize: int) -> list[str]:
-    """What the report says about sizes that pass but are not what the model works at."""
-    sides = pd.concat([table["width"], table["height"]], axis=1).min(axis=1).dropna()
-    small = sides[sides < resize]
-    if small.empty:
-        return []
-    return [
-        f"{len(small)} of {len(sides)} images are smaller than model.image.resize ({resize} px) on their shorter "
-        f"side (smallest {int(small.min())} px): the model upsamples them, so their detail is coarser than "
-        "the backbone's patches assume"
-    ]
+# center_crop keeps a square: above this aspect ratio a quarter or more of each image is never seen.
+CROP_ASPECT_NOTE = 4 / 3
+
+
+def size_notes(table: pd.DataFrame, image) -> list[str]:
+    """What the report says about sizes that pass but are not what the model works at (`image`:
+    model.image): images the model upsamples, and elongated images a centre crop cuts short."""
+    sides = table[["width", "height"]].dropna()
+    shorter, longer = sides.min(axis=1), sides.max(axis=1)
+    notes = []
+    small = shorter[shorter < image.resize]
+    if not small.empty:
+        notes.append(
+            f"{len(small)} of {len(sides)} images are smaller than model.image.resize ({image.resize} px) on their "
+            f"shorter side (smallest {int(small.min())} px): the model upsamples them, so their detail is coarser "
+            "than the backbone's patches assume"
+        )
+    aspect = longer / shorter
+    long_ = aspect[aspect > CROP_ASPECT_NOTE]
+    if image.mode == "center_crop" and not long_.empty:
+        unseen = float((1 - (image.crop / image.resize) ** 2 / long_).mean())  # the crop's share of the area
+        notes.append(
+            f"{len(long_)} of {len(sides)} images have an aspect ratio above {CROP_ASPECT_NOTE:.2f} (up to "
+            f"{float(long_.max()):.2f}): model.image.mode center_crop never sees {unseen:.0%} of each on average; "
+            "set model.image.mode: full_frame (or tiled) to inspect the whole image"
+        )
+    return notes
 
 
 def _luminance(image: Image.Image) -> np.ndarray:
@@ -444,7 +460,7 @@ def validate_image_set(
         ],
         "stats": stats,
     }
-    summary["notes"] = size_notes(table, params.model.image.resize)
+    summary["notes"] = size_notes(table, params.model.image)
     for note in summary["notes"]:
         log.warning("%s: %s", folder, note)
     result = ValidationResult(

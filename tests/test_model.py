@@ -28,12 +28,14 @@ def test_defects_rank_above_good_images(fitted, product):
 
 def test_anomaly_map_peak_lies_in_the_planted_defect(fitted, product):
     samples = [s for s in resolve_samples(product, split="test") if s.label == 1]
-    maps = fitted.predict([s.path for s in samples], progress=False).anomaly_maps
+    predictions = fitted.predict([s.path for s in samples], progress=False)
     cfg = fitted.config.image
-    assert maps.shape == (len(samples), cfg.crop, cfg.crop)
+    assert [m.shape for m in predictions.input_maps] == [(cfg.crop, cfg.crop)] * len(samples)
     hits = 0
-    for sample, amap in zip(samples, maps):
-        mask = load_mask(sample.mask_path, cfg.resize, cfg.crop)
+    for sample, amap in zip(samples, predictions.anomaly_maps):
+        with Image.open(sample.path) as image:  # maps come back in the image's own coordinates
+            assert amap.shape == (image.height, image.width)
+        mask = load_mask(sample.mask_path, amap.shape)
         y, x = np.unravel_index(np.argmax(amap), amap.shape)
         # a few pixels of slack: the map is smoothed at the feature grid's resolution (8 px cells)
         hits += bool(mask[max(0, y - 4) : y + 5, max(0, x - 4) : x + 5].any())

@@ -5,6 +5,7 @@ which the promotion gate and `patchcore evaluate` use too."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,11 @@ from pipeline.store import Store
 
 def score_records(
     model: PatchCore, root: str | Path, records: list[dict[str, Any]]
-) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
+) -> tuple[dict[str, Any], dict[str, Any], list[np.ndarray]]:
     """Score `records` (dicts with path, split, label, defect_type and mask relative to `root`) in
     place (`score`), and compute the labelled figures of the test records when they hold both good
-    and defective images: (metrics, per_defect_type, anomaly maps of every record)."""
+    and defective images: (metrics, per_defect_type, anomaly maps of every record in image
+    coordinates)."""
     root = Path(root)
     predictions = model.predict([root / r["path"] for r in records], maps=True, progress=False)
     for record, score in zip(records, predictions.scores):
@@ -43,11 +45,24 @@ def score_records(
             )
             for i in test_idx
         ]
-        cfg = model.config.image
         figures, per_type, _ = labelled_metrics(
-            samples, predictions.scores[test_idx], predictions.anomaly_maps[test_idx], cfg.resize, cfg.crop
+            samples, predictions.scores[test_idx], [predictions.anomaly_maps[i] for i in test_idx]
         )
     return figures, per_type, predictions.anomaly_maps
+
+
+MAPS_FILE = "maps.npz"
+
+
+def save_maps(path: Path, maps: list[np.ndarray]) -> None:
+    """Every record's map (image coordinates, so sizes may differ), float16, no pickle: one array
+    per record, named by its position."""
+    np.savez(path, **{str(i): np.asarray(m, dtype=np.float16) for i, m in enumerate(maps)})
+
+
+def load_maps(path: Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return [data[str(i)] for i in range(len(data.files))]
 
 
 def evaluation_key(bank: Bank, split: Split) -> str:
@@ -95,11 +110,10 @@ def evaluate_bank(store: Store, manifest: Manifest, split: Split, bank: Bank) ->
             "records": records,
             "metrics": figures,
             "per_defect_type": per_type,
-            "crop": model.config.image.crop,
-            "resize": model.config.image.resize,
+            "image": asdict(model.config.image),
         }
         with store.directory("evaluations", key) as folder:
-            np.save(folder / "maps.npy", np.asarray(maps, dtype=np.float16), allow_pickle=False)
+            save_maps(folder / MAPS_FILE, maps)
             (folder / "evaluation.json").write_text(dumps(result))
     data = store.read_json("evaluations", key, "evaluation.json")
     return Evaluation(
@@ -112,4 +126,4 @@ def evaluate_bank(store: Store, manifest: Manifest, split: Split, bank: Bank) ->
     )
 
 
-__all__ = ["evaluate_bank", "evaluation_key", "score_records"]
+__all__ = ["MAPS_FILE", "evaluate_bank", "evaluation_key", "load_maps", "save_maps", "score_records"]

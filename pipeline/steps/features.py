@@ -45,7 +45,7 @@ def feature_identity(config: PatchCoreConfig) -> dict[str, Any]:
         "layers": b.layers or default_layers(b.name),
         "mean": b.mean,
         "std": b.std,
-        "image": {"resize": config.image.resize, "crop": config.image.crop},
+        "image": image_identity(config.image),
         "features": {
             "patch_size": config.features.patch_size,
             "pretrain_dim": config.features.pretrain_dim,
@@ -63,6 +63,16 @@ def _file_sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=32)
 def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:  # a weights file is hashed once per change
     return sha256_file(path)
+
+
+def image_identity(image) -> dict[str, Any]:
+    """The image settings that decide the features in image.mode (center_crop keeps the key it had
+    before the other modes existed, so existing caches stay valid)."""
+    if image.mode == "center_crop":
+        return {"resize": image.resize, "crop": image.crop}
+    if image.mode == "full_frame":
+        return {"mode": image.mode, "resize": image.resize}
+    return {"mode": image.mode, "resize": image.resize, "tile_size": image.tile_size, "tile_overlap": image.tile_overlap}
 
 
 def bank_image_keys(manifest: Manifest, split: Split) -> list[str]:

@@ -16,6 +16,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pipeline.config import PipelineConfig
 from pipeline.io import write_json
 from pipeline.results import Calibration, Evaluation, Manifest, Report
+from pipeline.steps.evaluate import MAPS_FILE, load_maps
 from pipeline.steps.fingerprint import image_path, load_manifest
 from pipeline.steps.split import HOLDOUT, TEST
 from pipeline.store import Store
@@ -34,18 +35,16 @@ def make_report(
     start = time.perf_counter()
     key = evaluation.json_path.parent.name
     data = store.read_json("evaluations", key, "evaluation.json")
-    maps_file = store.fetch("evaluations", key, "maps.npy")
+    maps_file = store.fetch("evaluations", key, MAPS_FILE)
     threshold = calibrated.threshold
     with store.directory("reports", calibrated.model_key) as out:
         files = _plots(plt, out, data, threshold, calibrated.calibration["rule"])
         if cfg.heatmap_grid_size > 0:
             grid = _heatmap_grid(
                 data["records"],
-                np.load(maps_file),
+                load_maps(maps_file),
                 threshold,
                 load_manifest(manifest),
-                data["resize"],
-                data["crop"],
                 cfg.heatmap_grid_size,
             )
             if grid is not None:
@@ -124,9 +123,7 @@ def _savefig(fig, path: Path) -> str:
     return path.name
 
 
-def _heatmap_grid(
-    records: list[dict], maps: np.ndarray, threshold: float, manifest: dict, resize: int, crop: int, size: int
-):
+def _heatmap_grid(records: list[dict], maps: list[np.ndarray], threshold: float, manifest: dict, size: int):
     """Overlays in order of what a reviewer should see first: missed defects (lowest score first),
     false alarms (highest first), then the remaining images closest to the threshold."""
     from patchcore.viz import overlay  # noqa: PLC0415  lazy: matplotlib (colour maps) takes ~1 s to import
@@ -146,18 +143,18 @@ def _heatmap_grid(
     vmin, vmax = heatmap_scale(records, maps, threshold)
     columns = min(4, len(chosen))
     rows = math.ceil(len(chosen) / columns)
-    side = max(crop, TILE_MIN_PX)  # small crops are shown enlarged, so the captions fit and stay legible
+    side = TILE_PX  # every image fitted into the same square (aspect kept), so the captions fit and stay legible
     label_px, legend_px = 44, 44
     font, small = _font(15), _font(13)
     sheet = Image.new("RGB", (columns * side, legend_px + rows * (side + label_px)), "white")
     draw = ImageDraw.Draw(sheet)
     _legend(sheet, draw, vmin, vmax, threshold, columns * side, small)
     for n, (i, record) in enumerate(chosen):
-        tile = overlay(image_path(manifest, record["path"]), maps[i].astype(np.float32), resize, crop, vmin, vmax)
-        if side != crop:
-            tile = tile.resize((side, side), Image.Resampling.BILINEAR)
+        tile = overlay(image_path(manifest, record["path"]), maps[i].astype(np.float32), vmin, vmax)
+        scale = side / max(tile.size)
+        tile = tile.resize((max(1, round(tile.width * scale)), max(1, round(tile.height * scale))), Image.BILINEAR)
         x, y = (n % columns) * side, legend_px + (n // columns) * (side + label_px)
-        sheet.paste(tile, (x, y + label_px))
+        sheet.paste(tile, (x + (side - tile.width) // 2, y + label_px + (side - tile.height) // 2))
         flagged = record["score"] >= threshold
         verdict = (
             "MISS"
@@ -172,19 +169,20 @@ def _heatmap_grid(
     return sheet
 
 
-TILE_MIN_PX = 224
+TILE_PX = 256
 
 
-def heatmap_scale(records: list[dict], maps: np.ndarray, threshold: float) -> tuple[float, float]:
+def heatmap_scale(records: list[dict], maps: list[np.ndarray], threshold: float) -> tuple[float, float]:
     """One absolute colour scale for every tile, anchored at the threshold: the bottom is the typical
     held-out nominal pixel (the median of their maps), the threshold sits in the middle (green-yellow
     in 'jet'), and twice the threshold's distance from the bottom is full red. So a tile's colour says
     how far from the decision it is, not how it compares with the worst defect of the set."""
-    held = [i for i, r in enumerate(records) if r["split"] == HOLDOUT]
-    sample = maps[held] if held else maps
-    low = float(np.median(sample.astype(np.float32)))
+    from patchcore.viz import pixel_sample  # noqa: PLC0415  lazy: see make_report
+
+    held = [maps[i] for i, r in enumerate(records) if r["split"] == HOLDOUT]
+    low = float(np.median(pixel_sample(held or maps)))
     if not threshold > low:  # a threshold below the typical nominal pixel: fall back to the maps' spread
-        return tuple(float(v) for v in np.percentile(maps.astype(np.float32), [1.0, 99.9]))  # type: ignore[return-value]
+        return tuple(float(v) for v in np.percentile(pixel_sample(maps), [1.0, 99.9]))  # type: ignore[return-value]
     return low, threshold + (threshold - low)
 
 
