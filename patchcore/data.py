@@ -65,7 +65,8 @@ def _mvtec_test(root: Path) -> list[Sample]:
 
 def resolve_samples(source: str | Path | Sequence[str | Path], split: str = "train") -> list[Sample]:
     """Images from a folder in MVTec layout (its `train/good` or `test/*` split), any folder of
-    images (recursive), a text file of image paths (one per line, relative to the file), or a list."""
+    images (recursive), one image file, a text file of image paths (one per line, relative to the
+    file), or a list."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(source, (list, tuple)):
@@ -81,8 +82,15 @@ def resolve_samples(source: str | Path | Sequence[str | Path], split: str = "tra
                 )
             else:
                 samples = [Sample(p) for p in _images_in(src)]
+        elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:  # one image
+            samples = [Sample(src)]
         elif src.is_file():
-            lines = [ln.strip() for ln in src.read_text().splitlines()]
+            try:
+                lines = [ln.strip() for ln in src.read_text().splitlines()]
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"{src}: neither an image ({', '.join(IMAGE_SUFFIXES)}) nor a text file of image paths"
+                ) from None
             paths = [Path(ln) for ln in lines if ln and not ln.startswith("#")]
             samples = [Sample(p if p.is_absolute() else src.parent / p) for p in paths]
             missing = [str(s.path) for s in samples if not s.path.is_file()]

@@ -180,6 +180,14 @@ def test_a_params_change_reruns_only_the_affected_stages(repo):
     assert changes["bank_size"]["new"] < changes["bank_size"]["old"]
 
 
+def test_an_experiment_in_another_image_mode_rebuilds_from_validation_with_that_geometry(repo):
+    experiment = run(repo, "dvc", "exp", "run", "-S", "model.image.mode=full_frame")
+    assert stages_run(experiment) == {f"{s}@tiles" for s in ("validate", "extract", "coreset", "evaluate", "calibrate")}
+    out = repo / "outputs" / "tiles"
+    assert json.loads((out / "model" / "model.json").read_text())["config"]["image"]["mode"] == "full_frame"
+    assert json.loads((out / "metrics" / "evaluate.json").read_text())["pixel_auroc"] > 0.5
+
+
 def test_a_set_that_fails_validation_stops_dvc_repro_before_extraction(repo):
     trained_on = data_version(repo / "data" / "tiles")
     (repo / "data" / "tiles" / "train" / "good" / "003.png").write_bytes(b"")

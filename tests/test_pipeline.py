@@ -400,3 +400,30 @@ def test_evaluate_by_model_folder_and_by_registered_version_report_the_same_figu
     by_version = json.loads(capsys.readouterr().out)
     for name in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold", "n_good", "n_defect"):
         assert by_version[name] == pytest.approx(by_folder[name], rel=1e-9), name
+
+
+def test_the_full_image_modes_run_through_training_registry_serving_and_inspect(env, tmp_path):
+    """A 2.5:1 product with every defect near an end (where the default crop never looks): the
+    training flow, the registered pyfunc model (maps on the image it scored) and `inspect` in each
+    full-image mode. (Last in the module: the CLI's log handlers outlive the test's capture.)"""
+    import mlflow
+
+    from flows.train import train
+    from pipeline.pyfunc_model import to_model_input
+
+    trained = {}
+    for mode, product in (("full_frame", "stripff"), ("tiled", "striptl")):
+        data = generate_product(
+            tmp_path, product, n_train=12, n_test_good=3, n_test_defect=3, size_px=96, width_px=240, defects_at="edges"
+        )
+        result = train(product, str(data), PARAMS, TINY | {"model.image.mode": mode, "model.image.tile_size": 64})
+        assert result["metrics"]["image_auroc"] >= 0.9 and result["metrics"]["pixel_auroc"] >= 0.9, result["metrics"]
+        trained[product] = (data / "test" / "spot" / "000.png", result["registry"]["version"])
+    for product, (defect, version) in trained.items():
+        served = mlflow.pyfunc.load_model(f"models:/patchcore-{product}/{version}")
+        out = served.predict(to_model_input([str(defect)]), params={"return_maps": True})
+        assert out["is_anomalous"].tolist() == [True] and out["anomaly_map"][0].shape == (96, 240)
+        folder = tmp_path / f"inspect-{product}"
+        assert cli("inspect", "--product", product, "--version", version, "--images", str(defect), "--out", str(folder)) == 0
+        (heatmap,) = (folder / "heatmaps").glob("*.png")
+        assert Image.open(heatmap).size == (240, 96)  # the overlay covers the whole image
