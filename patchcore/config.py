@@ -93,6 +93,9 @@ class RuntimeConfig:
     seed: int = 0
     # Bank storage precision: float16 halves the memory of large banks; scoring uses float32.
     bank_dtype: str = "float32"
+    # The backbone's forward pass on CUDA: fp32, or bf16 / fp16 autocast (mixed precision); the
+    # patch aggregation, coreset and nearest-neighbour search stay fp32. The CPU always runs fp32.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -147,6 +150,10 @@ class PatchCoreConfig:
         _check(
             c.scoring.knn_backend in ("auto", "faiss", "bounded", "faiss-gpu", "torch"),
             f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}",
+        )
+        _check(
+            c.runtime.precision in ("fp32", "bf16", "fp16"),
+            f"runtime.precision must be fp32, bf16 or fp16, got {c.runtime.precision!r}",
         )
         _check(
             c.runtime.bank_dtype in ("float32", "float16"),

@@ -220,7 +220,10 @@ def collate(batch: list) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tenso
     return (torch.stack(images) if same else images), torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
 
 
-def make_loader(items: Sequence, transform: Callable, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    items: Sequence, transform: Callable, batch_size: int, num_workers: int, pin: bool = False
+) -> torch.utils.data.DataLoader:
+    """`pin`: page-locked batches (CUDA), so the copy to the GPU overlaps the next forward pass."""
     # Workers decode and resize the next batches while the backbone runs on the current one.
     workers = num_workers if len(items) > batch_size else 0
     return torch.utils.data.DataLoader(
@@ -231,4 +234,5 @@ def make_loader(items: Sequence, transform: Callable, batch_size: int, num_worke
         persistent_workers=False,
         prefetch_factor=2 if workers else None,
         collate_fn=collate,
+        pin_memory=pin,
     )

@@ -11,6 +11,8 @@ Must never import prefect, mlflow, dvc or great_expectations.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +100,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def mixed_precision(device: torch.device, precision: str):
+    """torch.autocast for the backbone on CUDA at bf16 / fp16; fp32 (no autocast) otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        _warn_once(f"runtime.precision={precision} applies on CUDA only; {device} runs fp32")
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def _as_items(images: Any) -> list:
     """A source (folder / list file / list of paths) -> paths; arrays and PIL images pass through."""
     if isinstance(images, (str, os.PathLike)):
@@ -151,12 +168,14 @@ class PatchCore:
         return self._runtime
 
     def _backbone_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, h, w, target_dim) patch features."""
+        """(B, 3, H, W) normalised images -> (B, h, w, target_dim) patch features (float32)."""
         rt = self._runtime
         images = images.to(rt.device, memory_format=torch.channels_last, non_blocking=True)
         f = self.config.features
         with torch.inference_mode():
-            return patch_features(rt.extractor(images), f.patch_size, f.pretrain_dim, f.target_dim)
+            with mixed_precision(rt.device, self.config.runtime.precision):
+                layers = rt.extractor(images)
+            return patch_features(layers, f.patch_size, f.pretrain_dim, f.target_dim)
 
     def _batch_features(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         """A loader batch (stacked, or a list when the images' sizes differ) -> each image's
@@ -185,7 +204,7 @@ class PatchCore:
         rt = self._setup()
         items = _as_items(images)
         cfg = self.config.runtime
-        loader = make_loader(items, rt.transform, cfg.batch_size, cfg.num_workers)
+        loader = make_loader(items, rt.transform, cfg.batch_size, cfg.num_workers, pin=rt.device.type == "cuda")
         with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
             for batch, positions, _ in loader:
                 for position, feats in zip(positions.tolist(), self._batch_features(batch)):
@@ -356,7 +375,9 @@ class PatchCore:
         self.index_  # noqa: B018 (build the search index now: a backend that cannot run fails before any image is read)
         items = _as_items(images)
         cfg = self.config
-        loader = make_loader(items, rt.transform, cfg.runtime.batch_size, cfg.runtime.num_workers)
+        loader = make_loader(
+            items, rt.transform, cfg.runtime.batch_size, cfg.runtime.num_workers, pin=rt.device.type == "cuda"
+        )
         image = cfg.image
         scores = np.empty(len(items), dtype=np.float64)
         image_maps: list = [None] * len(items) if maps else None

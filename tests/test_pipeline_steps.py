@@ -64,6 +64,12 @@ def test_feature_identity_follows_what_changes_features_and_nothing_else():
     assert steps.feature_identity(tiny_config(**{"runtime.seed": 1}))["key"] != base  # another random backbone
     assert steps.feature_identity(tiny_config(**{"image.crop": 64}))["key"] != base
     assert steps.feature_identity(tiny_config(**{"backbone.layers": ["layer1", "layer2"]}))["key"] != base
+    assert steps.feature_identity(tiny_config(**{"runtime.precision": "bf16"}))["key"] != base
+    full = steps.feature_identity(tiny_config(**{"image.mode": "full_frame"}))["key"]
+    assert full != base and steps.feature_identity(tiny_config(**{"image.mode": "tiled"}))["key"] not in (base, full)
+    # settings a mode does not use do not split its cache
+    assert steps.feature_identity(tiny_config(**{"image.mode": "full_frame", "image.crop": 64}))["key"] == full
+    assert steps.feature_identity(tiny_config(**{"image.tile_size": 64}))["key"] == base
 
 
 def test_extraction_only_processes_images_missing_from_the_cache(store, product, monkeypatch):

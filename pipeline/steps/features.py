@@ -52,6 +52,8 @@ def feature_identity(config: PatchCoreConfig) -> dict[str, Any]:
             "target_dim": config.features.target_dim,
         },
     }
+    if config.runtime.precision != "fp32":  # mixed-precision features are not the fp32 ones (CUDA only)
+        description["precision"] = config.runtime.precision
     return {"key": content_key(description, length=24), "description": description}
 
 
