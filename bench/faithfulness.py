@@ -302,8 +302,8 @@ def run_ours(job: dict, coreset: dict | None = None, num_workers: int = 0, knn_b
     captured = []
     batch_features = model._batch_features
 
-    def recording_batch_features(images):  # pass-through: keep the test embeddings predict computes
-        feats = batch_features(images)  # one (h, w, dim) tensor per image
+    def recording_batch_features(images, **kwargs):  # pass-through: keep the test embeddings predict computes
+        feats = batch_features(images, **kwargs)  # one (h, w, dim) tensor per image
         captured.extend(f.reshape(-1, f.shape[-1]).cpu().numpy().astype(np.float32) for f in feats)
         return feats
 

@@ -96,6 +96,9 @@ class RuntimeConfig:
     # The backbone's forward pass on CUDA: fp32, or bf16 / fp16 autocast (mixed precision); the
     # patch aggregation, coreset and nearest-neighbour search stay fp32. The CPU always runs fp32.
     precision: str = "fp32"
+    # What scores (predict, evaluate, inspect, serving): torch, or onnxruntime (the backbone and
+    # patch aggregation exported to ONNX inside the saved model, run by ONNX Runtime on the CPU).
+    engine: str = "torch"
 
 
 @dataclass
@@ -150,6 +153,10 @@ class PatchCoreConfig:
         _check(
             c.scoring.knn_backend in ("auto", "faiss", "bounded", "faiss-gpu", "torch"),
             f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}",
+        )
+        _check(
+            c.runtime.engine in ("torch", "onnxruntime"),
+            f"runtime.engine must be torch or onnxruntime, got {c.runtime.engine!r}",
         )
         _check(
             c.runtime.precision in ("fp32", "bf16", "fp16"),

@@ -94,13 +94,28 @@ def _layer_maps(
     return tuple(maps)
 
 
+def layer_maps(channels: tuple[int, ...], patch_size: int, pretrain_dim: int, target_dim: int) -> tuple[_LayerMap, ...]:
+    """The composed pooling of layers with these channel counts, as fresh tensors (not the cached,
+    possibly inference-mode ones): for a module that holds them as constants (the ONNX export)."""
+    return tuple(
+        _LayerMap(m.rows, None if m.channels is None else m.channels.clone(), m.weight.clone(), m.groups)
+        for m in _layer_maps(tuple(channels), patch_size, pretrain_dim, target_dim)
+    )
+
+
 def patch_features(
-    feature_maps: list[torch.Tensor], patch_size: int = 3, pretrain_dim: int = 1024, target_dim: int = 1024
+    feature_maps: list[torch.Tensor],
+    patch_size: int = 3,
+    pretrain_dim: int = 1024,
+    target_dim: int = 1024,
+    maps: tuple[_LayerMap, ...] | None = None,
 ) -> torch.Tensor:
-    """Backbone layer outputs -> patch features of shape (B, h, w, target_dim) on the first layer's grid."""
+    """Backbone layer outputs -> patch features of shape (B, h, w, target_dim) on the first layer's grid.
+    `maps`: layer_maps(...) computed beforehand (default: derived from the layers' channel counts)."""
     grid = tuple(feature_maps[0].shape[-2:])
     batch = feature_maps[0].shape[0]
-    maps = _layer_maps(tuple(f.shape[1] for f in feature_maps), patch_size, pretrain_dim, target_dim)
+    if maps is None:
+        maps = _layer_maps(tuple(f.shape[1] for f in feature_maps), patch_size, pretrain_dim, target_dim)
     patches = feature_maps[0].new_zeros((batch, *grid, target_dim), dtype=torch.float32)
     for feature_map, m in zip(feature_maps, maps):
         x = feature_map.float()

@@ -46,8 +46,9 @@ from patchcore.coreset import GreedySelection
 from patchcore.data import Sample, check_readable, make_loader, resolve_samples
 from patchcore.digest import MODEL_JSON, model_digest
 from patchcore.errors import ModelFileError
+from patchcore.engines import ONNX_FILE, OnnxEngine, export_onnx
 from patchcore.features import patch_features
-from patchcore.geometry import image_transform, tiled_features, to_image_frame
+from patchcore.geometry import image_transform, resized_size, tiled_features, to_image_frame
 from patchcore.knn import FaissIndex, make_index
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ class PatchCore:
         self.provenance_: dict[str, Any] = {}
         self.timings_: dict[str, float] = {}
         self.coreset_state_ = None  # coreset.GreedySelection after a greedy fit
+        self._onnx: bytes | None = None  # the exported extractor (runtime.engine onnxruntime)
+        self._onnx_engine: OnnxEngine | None = None
 
     # -- backbone ----------------------------------------------------------------------------
     def _setup(self) -> _Runtime:
@@ -177,23 +180,48 @@ class PatchCore:
                 layers = rt.extractor(images)
             return patch_features(layers, f.patch_size, f.pretrain_dim, f.target_dim)
 
-    def _batch_features(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    def onnx_extractor(self) -> bytes:
+        """The ONNX graph of the backbone + patch aggregation (exported on first use, checked
+        against torch; patchcore.engines)."""
+        if self._onnx is None:
+            rt, image = self._setup(), self.config.image
+            if image.mode == "center_crop":
+                shape = (image.crop, image.crop)
+            else:
+                shape = resized_size(image.mode, image.resize, image.resize * 3 // 2, image.resize)
+                if image.mode == "tiled":
+                    shape = (min(image.tile_size, shape[0]), min(image.tile_size, shape[1]))
+            probe = torch.randn((2, 3, *shape), generator=torch.Generator().manual_seed(0))
+            self._onnx = export_onnx(rt.extractor, self.config.features, probe, fixed_size=image.mode == "center_crop")
+        return self._onnx
+
+    def _scoring_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """_backbone_patches through the configured engine (runtime.engine)."""
+        if self.config.runtime.engine == "torch":
+            return self._backbone_patches(images)
+        if self._onnx_engine is None:
+            self._onnx_engine = OnnxEngine(self.onnx_extractor())
+        return self._onnx_engine(images)
+
+    def _batch_features(self, batch: torch.Tensor | list[torch.Tensor], scoring: bool = False) -> list[torch.Tensor]:
         """A loader batch (stacked, or a list when the images' sizes differ) -> each image's
-        (h, w, target_dim) patch features, in batch order (model.image.mode: patchcore.geometry)."""
+        (h, w, target_dim) patch features, in batch order (model.image.mode: patchcore.geometry).
+        `scoring`: through runtime.engine (training always extracts with torch)."""
         image = self.config.image
+        patches = self._scoring_patches if scoring else self._backbone_patches
         if image.mode == "tiled":
             return [
-                tiled_features(x, image.tile_size, image.tile_overlap, self._backbone_patches, self.config.runtime.batch_size)
+                tiled_features(x, image.tile_size, image.tile_overlap, patches, self.config.runtime.batch_size)
                 for x in batch
             ]
         if isinstance(batch, torch.Tensor):
-            return list(self._backbone_patches(batch))
+            return list(patches(batch))
         out: list[torch.Tensor] = [None] * len(batch)  # type: ignore[list-item]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(batch):
             by_shape.setdefault(tuple(x.shape), []).append(i)
         for members in by_shape.values():  # one forward pass per size
-            for i, feats in zip(members, self._backbone_patches(torch.stack([batch[i] for i in members]))):
+            for i, feats in zip(members, patches(torch.stack([batch[i] for i in members]))):
                 out[i] = feats
         return out
 
@@ -384,7 +412,7 @@ class PatchCore:
         input_maps: list = [None] * len(items) if maps else None
         with tqdm(total=len(items), desc="scoring", unit="img", disable=not progress) as bar:
             for batch, positions, sizes in loader:
-                feats = self._batch_features(batch)
+                feats = self._batch_features(batch, scoring=True)
                 flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).cpu().numpy()
                 patch, nearest = self.patch_scores(flat)  # one search for the whole batch
                 start = 0
@@ -416,6 +444,9 @@ class PatchCore:
             np.save(tmp / BANK_FILE, self.memory_bank_, allow_pickle=False)
             FaissIndex.from_bank(self.memory_bank_.astype(np.float32)).save(tmp / INDEX_FILE)
             files = [BANK_FILE, INDEX_FILE]
+            if self.config.runtime.engine == "onnxruntime":
+                (tmp / ONNX_FILE).write_bytes(self.onnx_extractor())
+                files.append(ONNX_FILE)
             if self.coreset_state_ is not None:
                 np.save(tmp / CORESET_INDICES_FILE, self.coreset_state_.indices, allow_pickle=False)
                 np.save(tmp / CORESET_DISTANCES_FILE, self.coreset_state_.sq_distances, allow_pickle=False)
@@ -502,7 +533,11 @@ class PatchCore:
         model.calibration_ = meta.get("calibration") or {}
         model.provenance_ = meta.get("provenance") or {}
         model.timings_ = meta.get("timings") or {}
+        if ONNX_FILE in meta["files"]:  # checksum verified above, like every listed file
+            model._onnx = (directory / ONNX_FILE).read_bytes()
         model._setup()  # rebuilds the backbone and refuses weights that differ from the record
+        if config.runtime.engine == "onnxruntime":  # ready before the first request, like the index
+            model._onnx_engine = OnnxEngine(model.onnx_extractor())
         model.index_ = make_index(
             bank.astype(np.float32), config.scoring.knn_backend, model._runtime.device, cpu_index=index.index
         )

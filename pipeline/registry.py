@@ -69,6 +69,7 @@ VERSION_TAGS = (
     "random_weights",
     "threshold_rule",
     "mode",
+    "engine",
 )
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 PATCHCORE_PACKAGE = Path(__file__).resolve().parents[1] / "patchcore"
@@ -196,9 +197,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             )
 
 
-def serving_requirements() -> list[str]:
+def serving_requirements(engine: str = "torch") -> list[str]:
     pins = []
-    for name in SERVING_REQUIREMENTS:
+    for name in SERVING_REQUIREMENTS + (("onnxruntime",) if engine == "onnxruntime" else ()):
         try:
             pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -480,6 +481,8 @@ class Registry:
             "feature_identity": record["feature_identity"],
             "threshold_rule": calibration["rule"],
             "mode": calibration["mode"],
+            # the scoring engine the evaluation and calibration ran with, and the served model uses
+            "engine": meta["config"]["runtime"].get("engine", "torch"),
             "figures_measured_on": calibration["report_on"],
             "coreset_continued_from": (record.get("coreset_continued") or {}).get("from_bank", "none"),
             "images_extracted": record["features"]["n_extracted"],
@@ -585,7 +588,7 @@ class Registry:
                 code_paths=[str(package)],
                 signature=model_signature(),
                 input_example=_input_example(record.get("input_example"), meta),
-                pip_requirements=serving_requirements(),
+                pip_requirements=serving_requirements(tags["engine"]),
                 model_config=limits,
                 metadata={
                     "threshold": calibration["threshold"],

@@ -86,7 +86,7 @@ def test_train_registers_a_challenger_with_metrics_tags_and_artifacts(trained, e
     assert mv.tags["weights"] == "RANDOM (not for production)" and mv.tags["random_weights"] == "true"
     assert float(mv.tags["threshold"]) == pytest.approx(result["calibration"]["threshold"], rel=1e-5)
     assert {"image_auroc", "heldout_fpr", "threshold_rule", "training_key", "data_root"} <= set(mv.tags)
-    assert len(mv.tags) <= 16, sorted(mv.tags)  # lean: the rest is in the description and on the run
+    assert len(mv.tags) <= 17, sorted(mv.tags)  # lean: the rest is in the description and on the run
     assert "memory bank" in mv.description and result["registry"]["run_id"] in mv.description
 
     run = registry.client.get_run(result["registry"]["run_id"])
@@ -412,13 +412,17 @@ def test_the_full_image_modes_run_through_training_registry_serving_and_inspect(
     from pipeline.pyfunc_model import to_model_input
 
     trained = {}
-    for mode, product in (("full_frame", "stripff"), ("tiled", "striptl")):
+    # the tiled one scores with the exported engine: evaluated, registered and served through it
+    for mode, product, engine in (("full_frame", "stripff", "torch"), ("tiled", "striptl", "onnxruntime")):
         data = generate_product(
             tmp_path, product, n_train=12, n_test_good=3, n_test_defect=3, size_px=96, width_px=240, defects_at="edges"
         )
-        result = train(product, str(data), PARAMS, TINY | {"model.image.mode": mode, "model.image.tile_size": 64})
+        settings = {"model.image.mode": mode, "model.image.tile_size": 64, "model.runtime.engine": engine}
+        result = train(product, str(data), PARAMS, TINY | settings)
         assert result["metrics"]["image_auroc"] >= 0.9 and result["metrics"]["pixel_auroc"] >= 0.9, result["metrics"]
         trained[product] = (data / "test" / "spot" / "000.png", result["registry"]["version"])
+        tags = env["registry"].client.get_model_version(f"patchcore-{product}", result["registry"]["version"]).tags
+        assert tags["engine"] == engine
     for product, (defect, version) in trained.items():
         served = mlflow.pyfunc.load_model(f"models:/patchcore-{product}/{version}")
         out = served.predict(to_model_input([str(defect)]), params={"return_maps": True})
