@@ -32,10 +32,26 @@ from patchcore.knn import make_index  # noqa: E402
 from patchcore.model import resolve_device  # noqa: E402
 from patchcore.synthetic import render_sample  # noqa: E402
 
-FULL = {"backbone": "wide_resnet50_2", "side": 224, "images": 256, "bank_rows": 200_000, "dim": 1024,
-        "knn_bank": 20_000, "knn_queries": 50_000, "fraction": 0.1}
-TINY = {"backbone": "resnet18", "side": 64, "images": 12, "bank_rows": 3_000, "dim": 64,
-        "knn_bank": 500, "knn_queries": 2_000, "fraction": 0.1}
+FULL = {
+    "backbone": "wide_resnet50_2",
+    "side": 224,
+    "images": 256,
+    "bank_rows": 200_000,
+    "dim": 1024,
+    "knn_bank": 20_000,
+    "knn_queries": 50_000,
+    "fraction": 0.1,
+}
+TINY = {
+    "backbone": "resnet18",
+    "side": 64,
+    "images": 12,
+    "bank_rows": 3_000,
+    "dim": 64,
+    "knn_bank": 500,
+    "knn_queries": 2_000,
+    "fraction": 0.1,
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -58,8 +74,12 @@ def _config(sizes: dict, device: str, precision: str, batch: int) -> PatchCoreCo
 
 
 def _images(sizes: dict, kind: str, n: int) -> list[np.ndarray]:
-    return [render_sample("gpu", split="test" if kind != "good" else "train", kind=kind, index=i,
-                          size_px=sizes["side"], seed=1)[0] for i in range(n)]
+    return [
+        render_sample(
+            "gpu", split="test" if kind != "good" else "train", kind=kind, index=i, size_px=sizes["side"], seed=1
+        )[0]
+        for i in range(n)
+    ]
 
 
 def extraction(sizes: dict, device: str, train: list, test: list) -> dict:
@@ -122,8 +142,12 @@ def knn(sizes: dict, device: str) -> dict:
     index.search(queries, 1)
     _sync(resolve_device(device))
     seconds = time.perf_counter() - start
-    return {"backend": type(index).__name__, "bank": list(bank.shape), "queries": len(queries),
-            "queries_per_second": round(len(queries) / seconds, 1)}
+    return {
+        "backend": type(index).__name__,
+        "bank": list(bank.shape),
+        "queries": len(queries),
+        "queries_per_second": round(len(queries) / seconds, 1),
+    }
 
 
 def end_to_end(sizes: dict, device: str, train: list, test: list) -> dict:

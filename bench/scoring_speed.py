@@ -9,8 +9,10 @@ nearest-neighbour search, image scores and anomaly maps (upsampled and smoothed)
 with the product's defaults (knn_backend auto: the principal-axes bounded search on the CPU;
 BatchNorm folded into the convolutions) with the decode in the main process (num_workers 0, as
 the reference does) and with 2 DataLoader workers, and once with plain faiss IndexFlatL2 (what
-the reference searches with). The bare forward pass to layer3 is timed too, with and without the
-BatchNorm folding, to show where the time goes.
+the reference searches with). `model.runtime.engine=onnxruntime` (the backbone and patch
+aggregation exported to ONNX, run by ONNX Runtime; the one-off export is timed apart) runs in every
+round next to the default torch engine. The bare forward pass to layer3 is timed too, with and
+without the BatchNorm folding, to show where the time goes.
 
 This machine's speed drifts (other tenants, memory bandwidth), and the reference, which moves far
 more memory per image, slows down more than ours when it does. So the reference and ours (product
@@ -31,6 +33,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -131,19 +135,26 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             ref = run_reference(ref_src, job, scratch)
             ours0 = run_ours(job, coreset=sampler, num_workers=0)
+            onnx = run_ours(job, coreset=sampler, num_workers=0, engine="onnxruntime")
             rounds.append(
-                {"reference": ref["predict_seconds"] / len(test), "ours": ours0["predict_seconds"] / len(test)}
+                {
+                    "reference": ref["predict_seconds"] / len(test),
+                    "ours": ours0["predict_seconds"] / len(test),
+                    "onnxruntime": onnx["predict_seconds"] / len(test),
+                }
             )
+            x = rounds[-1]
             print(
-                f"round {r + 1}: reference {rounds[-1]['reference'] * 1000:.1f} ms/image, ours "
-                f"{rounds[-1]['ours'] * 1000:.1f} ms/image ({rounds[-1]['reference'] / rounds[-1]['ours']:.2f}x)",
+                f"round {r + 1}: reference {x['reference'] * 1000:.1f} ms/image, ours {x['ours'] * 1000:.1f} "
+                f"({x['reference'] / x['ours']:.2f}x), onnxruntime {x['onnxruntime'] * 1000:.1f} ms/image "
+                f"({x['reference'] / x['onnxruntime']:.2f}x)",
                 flush=True,
             )
             if r == 0:
-                first_ref, first_ours = ref, ours0
+                first_ref, first_ours, first_onnx = ref, ours0, onnx
                 ours2 = run_ours(job, coreset=sampler, num_workers=2)
                 ours_faiss = run_ours(job, coreset=sampler, num_workers=0, knn_backend="faiss")
-        ref, ours0 = first_ref, first_ours
+        ref, ours0, onnx = first_ref, first_ours, first_onnx
         forward = bare_forward(weights, args.threads, args.batch_size)
     except SetupError as exc:
         print(exc, file=sys.stderr)
@@ -157,6 +168,7 @@ def main(argv=None) -> int:
         "ours_num_workers_0": ours0,
         "ours_num_workers_2": ours2,
         "ours_faiss_num_workers_0": ours_faiss,
+        "ours_onnxruntime_num_workers_0": onnx,
     }
     per_image = {name: round(r["predict_seconds"] / n, 4) for name, r in runs.items()}
     report = {
@@ -175,10 +187,17 @@ def main(argv=None) -> int:
                 "reference_s_per_image": round(x["reference"], 4),
                 "ours_s_per_image": round(x["ours"], 4),
                 "speedup": round(x["reference"] / x["ours"], 2),
+                "onnxruntime_s_per_image": round(x["onnxruntime"], 4),
+                "onnxruntime_speedup": round(x["reference"] / x["onnxruntime"], 2),
             }
             for x in rounds
         ],
         "speedup_min_over_rounds": round(min(x["reference"] / x["ours"] for x in rounds), 2),
+        "onnxruntime_speedup_min_over_rounds": round(min(x["reference"] / x["onnxruntime"] for x in rounds), 2),
+        "onnx_export_seconds": round(onnx["export_seconds"], 1),
+        "onnxruntime_max_relative_score_difference_vs_torch": float(
+            np.max(np.abs(onnx["scores"] - ours0["scores"]) / np.abs(ours0["scores"]))
+        ),
         "knn_backend": {name: r.get("knn_backend", "faiss (reference)") for name, r in runs.items()},
         "knn_settled_by_bound": {
             name: r.get("knn_settled_by_bound") for name, r in runs.items() if name != "reference"
@@ -198,7 +217,8 @@ def main(argv=None) -> int:
         )
     print(
         f"speedup of the product defaults per round: {[r['speedup'] for r in report['rounds']]} "
-        f"(min {report['speedup_min_over_rounds']}x)"
+        f"(min {report['speedup_min_over_rounds']}x); onnxruntime: "
+        f"{[r['onnxruntime_speedup'] for r in report['rounds']]} (min {report['onnxruntime_speedup_min_over_rounds']}x)"
     )
     print(f"bare forward to layer3: {forward}")
     print(f"wrote {args.out}")

@@ -101,7 +101,9 @@ def export_onnx(extractor: torch.nn.Module, features, probe: torch.Tensor, fixed
     error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
     if not error <= EXPORT_TOLERANCE:
         raise EngineError(f"the ONNX export differs from torch by {error:.2e} (relative; at most {EXPORT_TOLERANCE})")
-    logger.info("exported the feature extractor to ONNX (%.1f MB, max relative difference %.1e)", len(data) / 1e6, error)
+    logger.info(
+        "exported the feature extractor to ONNX (%.1f MB, max relative difference %.1e)", len(data) / 1e6, error
+    )
     return data
 
 

@@ -117,9 +117,7 @@ def tiled_features(
     return parts[which, row[:, None].to(parts.device), col[None, :].to(parts.device)]
 
 
-def to_image_frame(
-    input_map: np.ndarray, mode: str, resize: int, crop: int, image_size: tuple[int, int]
-) -> np.ndarray:
+def to_image_frame(input_map: np.ndarray, mode: str, resize: int, crop: int, image_size: tuple[int, int]) -> np.ndarray:
     """A map on the model's input (crop or resized image) -> the same map on the original image,
     (height, width) = image_size; bilinear. center_crop: 0 outside the part the model saw."""
     height, width = image_size

@@ -90,9 +90,7 @@ def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray, list[np.ndarra
     if isinstance(maps, np.ndarray) and maps.ndim == 2:
         maps = maps[None]
     if isinstance(masks, np.ndarray) and masks.ndim != 3 or isinstance(maps, np.ndarray) and maps.ndim != 3:
-        raise ValueError(
-            f"masks and maps must have shape (N, H, W), got {np.shape(masks)} and {np.shape(maps)}"
-        )
+        raise ValueError(f"masks and maps must have shape (N, H, W), got {np.shape(masks)} and {np.shape(maps)}")
     mask_list, map_list = [np.asarray(m) != 0 for m in masks], [np.asarray(a) for a in maps]
     if len(mask_list) != len(map_list):
         raise ValueError(f"{len(mask_list)} masks for {len(map_list)} maps")

@@ -45,8 +45,8 @@ from patchcore.config import BackboneConfig, PatchCoreConfig, env_weights
 from patchcore.coreset import GreedySelection
 from patchcore.data import Sample, check_readable, make_loader, resolve_samples
 from patchcore.digest import MODEL_JSON, model_digest
-from patchcore.errors import ModelFileError
 from patchcore.engines import ONNX_FILE, OnnxEngine, export_onnx
+from patchcore.errors import ModelFileError
 from patchcore.features import patch_features
 from patchcore.geometry import image_transform, resized_size, tiled_features, to_image_frame
 from patchcore.knn import FaissIndex, make_index

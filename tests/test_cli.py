@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import REPO
+from PIL import Image
 
 from apps.cli import main as app_main
 from patchcore import PatchCore
@@ -172,3 +173,20 @@ def test_switching_the_profile_keeps_comments_and_the_file_mode_and_never_writes
     before = params.read_text()
     assert app_main(["profile", "nightly", "--params", str(params)]) == 2  # unknown: nothing written
     assert params.read_text() == before
+
+
+def test_fit_and_predict_in_tiled_mode_draw_heatmaps_over_the_whole_image(tmp_path):
+    from patchcore.synthetic import generate_product
+
+    data = generate_product(
+        tmp_path, "strip", n_train=8, n_test_good=1, n_test_defect=1, size_px=96, width_px=240, defects_at="edges"
+    )
+    model = tmp_path / "model"
+    fit = ["fit", "--images", str(data), "--out", str(model), "--mode", "tiled", "--set", "image.tile_size=64"]
+    assert main([*fit, "--quiet", *TINY]) == 0
+    assert json.loads((model / "model.json").read_text())["config"]["image"]["mode"] == "tiled"
+    out = tmp_path / "scores.json"
+    predict = ["predict", "--model", str(model), "--images", str(data / "test"), "--out", str(out)]
+    assert main([*predict, "--maps", str(tmp_path / "maps"), "--quiet"]) == 0
+    heatmaps = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(heatmaps) == 4 and all(Image.open(p).size == (240, 96) for p in heatmaps)

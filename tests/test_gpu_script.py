@@ -14,7 +14,10 @@ def test_the_gpu_script_runs_on_the_cpu_with_tiny_sizes_and_writes_every_figure(
     out = tmp_path / "gpu.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -428,6 +428,9 @@ def test_the_full_image_modes_run_through_training_registry_serving_and_inspect(
         out = served.predict(to_model_input([str(defect)]), params={"return_maps": True})
         assert out["is_anomalous"].tolist() == [True] and out["anomaly_map"][0].shape == (96, 240)
         folder = tmp_path / f"inspect-{product}"
-        assert cli("inspect", "--product", product, "--version", version, "--images", str(defect), "--out", str(folder)) == 0
+        assert (
+            cli("inspect", "--product", product, "--version", version, "--images", str(defect), "--out", str(folder))
+            == 0
+        )
         (heatmap,) = (folder / "heatmaps").glob("*.png")
         assert Image.open(heatmap).size == (240, 96)  # the overlay covers the whole image

@@ -74,7 +74,12 @@ def image_identity(image) -> dict[str, Any]:
         return {"resize": image.resize, "crop": image.crop}
     if image.mode == "full_frame":
         return {"mode": image.mode, "resize": image.resize}
-    return {"mode": image.mode, "resize": image.resize, "tile_size": image.tile_size, "tile_overlap": image.tile_overlap}
+    return {
+        "mode": image.mode,
+        "resize": image.resize,
+        "tile_size": image.tile_size,
+        "tile_overlap": image.tile_overlap,
+    }
 
 
 def bank_image_keys(manifest: Manifest, split: Split) -> list[str]:
