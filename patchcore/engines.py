@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchcore.errors import ModelFileError
+from patchcore.errors import EngineError, ModelFileError
 from patchcore.features import layer_maps, patch_features
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ logger = logging.getLogger(__name__)
 ENGINES = ("torch", "onnxruntime")
 ONNX_FILE = "extractor.onnx"
 EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch| over a probe batch's patch features
-
-
-class EngineError(RuntimeError):
-    """The configured engine cannot run here (the message says what to install or change)."""
 
 
 def _onnxruntime():

@@ -28,6 +28,11 @@ class ModelFileError(ValueError):
     """A saved model directory is missing, incompatible or has been altered."""
 
 
+class EngineError(RuntimeError):
+    """The configured scoring engine cannot run here (a package to install, or an export that does
+    not match torch); the message says what to do."""
+
+
 class StorageFull(OSError):
     """A write failed because its file system is full (or a quota / file-size limit was hit). The
     atomic writers (patchcore/atomic.py) raise it after removing their temporary file: nothing
@@ -36,13 +41,23 @@ class StorageFull(OSError):
 
 # What a command reports as one line (exit status 2) instead of a traceback: bad data, settings,
 # weights or model files, missing files and a full disk.
-USER_ERRORS = (DataError, ConfigError, WeightsError, BackboneError, ModelFileError, FileNotFoundError, StorageFull)
+USER_ERRORS = (
+    DataError,
+    ConfigError,
+    WeightsError,
+    BackboneError,
+    ModelFileError,
+    EngineError,
+    FileNotFoundError,
+    StorageFull,
+)
 
 __all__ = [
     "USER_ERRORS",
     "BackboneError",
     "ConfigError",
     "DataError",
+    "EngineError",
     "ModelFileError",
     "StorageFull",
     "WeightsError",
