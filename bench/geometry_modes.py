@@ -107,6 +107,11 @@ def main(argv=None) -> int:
     p.add_argument("--test-every", type=int, default=1, help="score every N-th test image (default 1: all)")
     p.add_argument("--only", help="';'-separated candidate labels (default: all)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "geometry_modes_mtd.json"))
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="re-measure the --only candidates into the existing --out file, keep the rest",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one candidate's image settings as JSON
     args = p.parse_args(argv)
     if args.one:
@@ -126,8 +131,14 @@ def main(argv=None) -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return 1
         row = {"label": label, "mode": image["mode"], "image": image, **json.loads(done.stdout.splitlines()[-1])}
+        row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.update and Path(args.out).is_file():
+        fresh = {row["label"] for row in rows}
+        kept = [r for r in json.loads(Path(args.out).read_text())["candidates"] if r["label"] not in fresh]
+        order = [label for label, _ in CANDIDATES]
+        rows = sorted(kept + rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
     best = {}
     for row in rows:  # per mode: the best on the validation half
         key = (row["validation"]["image_auroc"], row["validation"]["pro"])
@@ -148,6 +159,7 @@ def main(argv=None) -> int:
         "n_test": len(halves(test[:: args.test_every])[1]),
         "metrics_on": "full-frame masks at each image's own resolution",
         "machine": machine(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "chosen_on_validation": {mode: row["label"] for mode, row in best.items()},
         "candidates": rows,
     }
