@@ -34,6 +34,7 @@ CANDIDATES = [
     ("center_crop 288/256", {"mode": "center_crop", "resize": 288, "crop": 256}),
     ("full_frame 288", {"mode": "full_frame", "resize": 288}),
     ("full_frame 384", {"mode": "full_frame", "resize": 384}),
+    ("tiled 288, tile 224", {"mode": "tiled", "resize": 288, "tile_size": 224, "tile_overlap": 0.25}),
     ("tiled 384, tile 256", {"mode": "tiled", "resize": 384, "tile_size": 256, "tile_overlap": 0.25}),
 ]
 LAYERS = "features.6,features.10,features.13"
