@@ -2,10 +2,12 @@
 
 `torch` (default) runs the backbone and the patch aggregation in PyTorch. `onnxruntime` runs the
 same computation (backbone up to the last used layer + the locally aware patch aggregation, one
-graph) exported to ONNX, on a CPU through ONNX Runtime: line PCs usually have no GPU, and there it
-is the faster path. The memory bank, the nearest-neighbour search, the image score and the maps are
-the same code for both engines. Training always extracts with torch (the feature cache holds torch's
-features); the engine scores (predict, evaluate, inspect, the served model).
+graph) exported to ONNX, on a CPU through ONNX Runtime, for line PCs where that is the supported
+runtime (on the 2-core test machine it scored within 3e-6 of torch but was not faster than torch,
+which already folds BatchNorm and runs channels-last: bench/README.md). The memory bank, the
+nearest-neighbour search, the image score and the maps are the same code for both engines.
+Training always extracts with torch (the feature cache holds torch's features); the engine scores
+(predict, evaluate, inspect, the served model).
 
 The exported graph travels inside the saved model (`extractor.onnx`, covered by model.json's
 checksums like every other file). It is checked at export: its patch features must match torch's
@@ -77,7 +79,8 @@ def export_onnx(extractor: torch.nn.Module, features, probe: torch.Tensor, fixed
         warnings.simplefilter("ignore")
         path = Path(tmp) / ONNX_FILE
         quiet = logging.getLogger("torch.onnx")
-        level, quiet.level = quiet.level, logging.ERROR
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             torch.onnx.export(
                 wrapped,
@@ -91,7 +94,7 @@ def export_onnx(extractor: torch.nn.Module, features, probe: torch.Tensor, fixed
                 verbose=False,
             )
         finally:
-            quiet.level = level
+            quiet.setLevel(level)
         data = path.read_bytes()
     got = OnnxEngine(data)(probe)
     error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
