@@ -52,6 +52,9 @@ def score_records(
 
 
 MAPS_FILE = "maps.npz"
+# 2: maps in image coordinates (maps.npz) and pixel metrics on the full frame; an evaluation stored
+# in the earlier format (crop-sized maps.npy, pixel metrics inside the crop) is recomputed, not reused.
+EVALUATION_FORMAT = 2
 
 
 def save_maps(path: Path, maps: list[np.ndarray]) -> None:
@@ -68,7 +71,7 @@ def load_maps(path: Path) -> list[np.ndarray]:
 def evaluation_key(bank: Bank, split: Split) -> str:
     """evaluations/<key>: the bank and the split's content (which names the manifest, itself the
     hash of every image's content), so the same model on the same images finds its evaluation."""
-    return content_key("evaluation", bank.bank_key, load_split(split))
+    return content_key("evaluation", EVALUATION_FORMAT, bank.bank_key, load_split(split))
 
 
 def evaluate_bank(store: Store, manifest: Manifest, split: Split, bank: Bank) -> Evaluation:
