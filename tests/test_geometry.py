@@ -122,3 +122,19 @@ def test_bad_geometry_settings_are_named():
         with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
             PatchCoreConfig.from_dict({"image": settings})
     assert PatchCoreConfig.from_dict({"image": {"mode": "full_frame", "resize": 200}}).image.resize == 200
+
+
+def test_a_high_resolution_product_is_inspected_in_tiles_at_full_scale(tmp_path):
+    """256 x 640 images, defects near the ends: the tiled model looks at the whole frame at 256 px in
+    128 px tiles (the backbone never sees more than a tile); a centre crop at the tiny test size sees
+    a 96 px square of the middle."""
+    data = generate_product(
+        tmp_path, "sheet", n_train=6, n_test_good=3, n_test_defect=2, size_px=256, width_px=640, defects_at="edges"
+    )
+    model = PatchCore(tiny_config(**{"image.mode": "tiled", "image.resize": 256, "image.tile_size": 128}))
+    result = evaluate(model.fit(data, progress=False), data, progress=False)
+    assert model.grid_ == (32, 80)  # the full frame's 8 px patch grid, stitched from 3 x 7 tiles
+    assert result.metrics["image_auroc"] >= 0.9 and result.metrics["pixel_auroc"] >= 0.9, result.metrics
+    assert all(m.shape == (256, 640) for m in result.predictions.anomaly_maps)
+    crop = evaluate(PatchCore(tiny_config()).fit(data, progress=False), data, progress=False).metrics
+    assert crop["pixel_auroc"] < 0.75 and crop["pro"] < 0.1, crop  # it cannot point at what it never saw
