@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 OUTFILE="${OUT:+$OUT/gpu.json}"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: run python bench/gpu.py --tiny for the CPU check'"
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "bench/gpu.sh: no CUDA device here; run 'python bench/gpu.py --tiny' for the CPU check" >&2
+    exit 2
+fi
 exec timeout 480 "$PY" bench/gpu.py --out "${OUTFILE:-bench/results/gpu.json}" "$@"
