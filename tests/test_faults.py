@@ -1,7 +1,8 @@
 """Fault injection on the real command line (`patchcore train` / `promote` as subprocesses):
 SIGKILL at each stage of training and of promotion and SIGTERM at the stages doing work, and the MLflow tracking server
 stopping in the middle of either. Each must end with a clear failure or a clean retry, no
-half-written cache entry ever read (the features end byte-identical to a clean run's), and a
+half-written cache entry ever read (every cached feature file equals a clean run's, to the float
+rounding that another batch size gives), and a
 registry that passes the consistency checks (no unfinished registration left unmarked, no run left
 RUNNING, no champion move left half-done, champion / previous / history agreeing)."""
 
@@ -213,8 +214,10 @@ def test_sigterm_and_sigkill_at_each_training_stage_end_cleanly_and_the_retry_co
     cached = Path(env["PATCHCORE_HOME"]) / "features" / clean.name
     names = sorted(p.name for p in clean.glob("*.npy"))
     assert names and sorted(p.name for p in cached.glob("*.npy")) == names
-    for name in names:
-        np.testing.assert_array_equal(np.load(cached / name), np.load(clean / name), err_msg=name)
+    for name in names:  # every file complete (a truncated or half-written one would not load or would differ
+        # grossly); values equal to float rounding: a rerun extracts the missing images in batches of
+        # another size, and the CPU convolution kernels round a few last bits differently per batch size
+        np.testing.assert_allclose(np.load(cached / name), np.load(clean / name), rtol=1e-5, atol=1e-5, err_msg=name)
     print(f"\ninterrupted: {interrupted}")
 
 
