@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from patchcore.config import PatchCoreConfig, load_config, parse_overrides, set_dotted
+from patchcore.config import IMAGE_MODES, PatchCoreConfig, load_config, parse_overrides, set_dotted
 from patchcore.errors import USER_ERRORS
 
 # The model code (torch) is imported by the commands that use it, not here: `--help` and the
@@ -120,7 +120,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--mode",
-        choices=("center_crop", "full_frame", "tiled"),
+        choices=IMAGE_MODES,
         help="how images become the model's input (default center_crop; see model.image.mode in params.yaml)",
     )
     p.add_argument("--resize", type=int, help="shorter side the image is resized to (default 256)")

@@ -46,6 +46,10 @@ class BackboneConfig:
     std: list[float] | None = None
 
 
+IMAGE_MODES = ("center_crop", "full_frame", "tiled")  # model.image.mode (patchcore/geometry.py)
+ENGINES = ("torch", "onnxruntime")  # model.runtime.engine (patchcore/engines.py)
+
+
 @dataclass
 class ImageConfig:
     # center_crop (the paper's) | full_frame (whole image, aspect kept) | tiled (whole image in
@@ -116,7 +120,7 @@ class PatchCoreConfig:
     def validate(self) -> None:
         c = self
         _check(
-            c.image.mode in ("center_crop", "full_frame", "tiled"),
+            c.image.mode in IMAGE_MODES,
             f"image.mode must be center_crop, full_frame or tiled, got {c.image.mode!r}",
         )
         _check(
@@ -155,7 +159,7 @@ class PatchCoreConfig:
             f"scoring.knn_backend must be auto, faiss, bounded, faiss-gpu or torch, got {c.scoring.knn_backend!r}",
         )
         _check(
-            c.runtime.engine in ("torch", "onnxruntime"),
+            c.runtime.engine in ENGINES,
             f"runtime.engine must be torch or onnxruntime, got {c.runtime.engine!r}",
         )
         _check(

@@ -33,7 +33,6 @@ from patchcore.features import layer_maps, patch_features
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("torch", "onnxruntime")
 ONNX_FILE = "extractor.onnx"
 EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| / max |torch| over a probe batch's patch features
 
@@ -127,4 +126,4 @@ class OnnxEngine:
         return torch.from_numpy(self.session.run(None, {self.input: batch})[0])
 
 
-__all__ = ["ENGINES", "EXPORT_TOLERANCE", "EngineError", "ONNX_FILE", "OnnxEngine", "export_onnx"]
+__all__ = ["EXPORT_TOLERANCE", "EngineError", "ONNX_FILE", "OnnxEngine", "export_onnx"]

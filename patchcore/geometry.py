@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-MODES = ("center_crop", "full_frame", "tiled")
 ALIGN = 16  # the deepest stride among the known backbones' default layers (layer3, features.13)
 
 
@@ -153,7 +152,6 @@ def visible_mask(mode: str, resize: int, crop: int, image_size: tuple[int, int])
 
 __all__ = [
     "ALIGN",
-    "MODES",
     "image_transform",
     "resized_size",
     "tile_starts",
