@@ -1,8 +1,8 @@
 """The training flow: a product's images -> a registered, promotable MLflow model (alias
 `challenger`).
 
-    fingerprint -> validate -> split -> extract -> coreset -> evaluate -> calibrate -> report
-    -> register -> publish
+    fingerprint -> validate -> split -> extract (here, or on a Dask cluster) -> coreset -> evaluate
+    -> calibrate -> report -> register -> publish
 
 Validation failing stops the flow before any feature is extracted; registration comes last, so a
 failure anywhere leaves the registry untouched.
@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.extract import extract_on_cluster
 from pipeline import steps
 from pipeline.config import load_settings
 from pipeline.locks import product_lock
@@ -42,7 +43,11 @@ def train(
         manifest = t.fingerprint(store, data or f"data/{product}", product)
         validation = t.validate(store, manifest, settings, product)
         division = t.split(store, manifest, settings)
-        features = t.extract(store, manifest, division, settings)
+        plan = t.plan_extract(store, manifest, division, settings)
+        if plan.shards and settings.cluster.uses_dask():
+            features = extract_on_cluster(store, plan, settings)  # the shards mapped over a Dask cluster
+        else:
+            features = t.extract(store, plan, settings)
         bank = t.coreset(store, manifest, division, features, settings)
         evaluation = t.evaluate(store, manifest, division, bank)
         calibrated = t.calibrate(store, evaluation, bank, product, settings, manifest, division, features)

@@ -5,6 +5,7 @@ patchcore.config owns). Loaded once, shared by the Prefect flows, the DVC stages
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,9 @@ class PipelineConfig:
     # so the coreset costs time in proportion to the new images. false: every bank from scratch.
     # `dvc repro` always builds from scratch (reproducible from the data alone).
     incremental_coreset: bool = True
-    # Where the content-addressed outputs live (pipeline/store.py): null = $PATCHCORE_HOME, or a
-    # folder, or an fsspec URL such as s3://bucket/prefix or file:///mnt/shared/patchcore.
+    # Where the content-addressed outputs live (pipeline/store.py): null = env PATCHCORE_STORE, else
+    # $PATCHCORE_HOME; or a folder, or an fsspec URL such as s3://bucket/prefix or
+    # file:///mnt/shared/patchcore (S3 endpoint and keys: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
     store: str | None = None
 
     def __post_init__(self) -> None:
@@ -184,6 +186,48 @@ class OperationsConfig:
         return (self.schedule or {}).get(product) or (self.schedule or {}).get("default") or "0 2 * * *"
 
 
+EXTRACT_MODES = ("auto", "local", "dask")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the extract step runs (params.yaml `cluster:`; README "Scaling out"). The images missing
+    from the feature cache are cut into shards; `local` extracts them one after the other in the
+    flow's process, `dask` maps them over a Dask cluster through Prefect's DaskTaskRunner. Either
+    way each image's features are written into the store by itself and are byte-identical."""
+
+    # auto: dask when a scheduler address is known (dask_address, else env PATCHCORE_DASK_ADDRESS),
+    # local otherwise | local | dask (with no address: a temporary LocalCluster of local_workers).
+    extract: str = "auto"
+    # tcp://host:8786 of a running `dask scheduler`; null: env PATCHCORE_DASK_ADDRESS (set by
+    # `make stack` for its workers), else none.
+    dask_address: str | None = None
+    local_workers: int = 2  # the temporary LocalCluster's worker processes (extract: dask, no address)
+    # Images per shard (rounded up to a multiple of model.runtime.batch_size, so every shard's
+    # batches hold the same images in any mode: the features are bit-identical).
+    shard_images: int = 32
+    # Each shard asks the scheduler for one "GPU" resource: start GPU workers with
+    # `dask worker ... --nworkers 1 --resources GPU=1` (one per GPU, CUDA_VISIBLE_DEVICES set).
+    gpu_resource: bool = False
+
+    def __post_init__(self) -> None:
+        if self.extract not in EXTRACT_MODES:
+            raise ConfigError(f"cluster.extract must be one of {', '.join(EXTRACT_MODES)}, got {self.extract!r}")
+        if self.local_workers < 1 or self.shard_images < 1:
+            raise ConfigError("cluster.local_workers and cluster.shard_images must be >= 1")
+        if self.dask_address is not None and "://" not in self.dask_address:
+            raise ConfigError(
+                f"cluster.dask_address must be a scheduler URL such as tcp://127.0.0.1:8786, got {self.dask_address!r}"
+            )
+
+    def scheduler(self) -> str | None:
+        """The scheduler address in effect: dask_address, else env PATCHCORE_DASK_ADDRESS."""
+        return self.dask_address or os.environ.get("PATCHCORE_DASK_ADDRESS") or None
+
+    def uses_dask(self) -> bool:
+        return self.extract == "dask" or (self.extract == "auto" and self.scheduler() is not None)
+
+
 @dataclass
 class Params:
     """The whole params.yaml. Sections other than `model` are added by the pipeline modules."""
@@ -197,6 +241,7 @@ class Params:
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Params:

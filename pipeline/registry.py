@@ -301,6 +301,18 @@ class Registry:
         same = [mv for mv in versions if mv.tags.get("training_key") == training_key and is_complete(mv)]
         return max(same, key=lambda mv: int(mv.version)) if same else None
 
+    def drift_reference(self, product: str) -> dict[str, Any] | None:
+        """The drift baseline logged with the product's newest complete version (None before the
+        first registration, or when that version predates baselines in the registry)."""
+        versions = [mv for mv in self._versions(product) if is_complete(mv)]
+        if not versions:
+            return None
+        newest = max(versions, key=lambda mv: int(mv.version))
+        try:
+            return mlflow.artifacts.load_dict(f"runs:/{newest.run_id}/{DRIFT_REFERENCE_ARTIFACT}")
+        except (MlflowException, OSError):
+            return None
+
     # versions and aliases
     def version(self, product: str, alias: str | None = None, version: str | int | None = None):
         """The ModelVersion behind an alias (or a version number); NoSuchAlias if it is not set."""
@@ -437,9 +449,13 @@ class Registry:
         "start it again and rerun the training: the steps' results are in the store (nothing is extracted "
         "again) and a half-registered version is marked orphaned by the next run",
     )
-    def log_training(self, product: str, params: Params, training: TrainingRecord) -> dict[str, Any]:
+    def log_training(
+        self, product: str, params: Params, training: TrainingRecord, drift_reference: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Log a finished training (params, metrics, tags, artifacts, the pyfunc model) as one run and
-        register it as a new version with alias `challenger`. Called last, after every step
+        register it as a new version with alias `challenger`; `drift_reference` (the validated set's
+        statistics) is logged as the run's validation/accepted.json: the baseline the product's next
+        image sets are checked against, wherever they are validated. Called last, after every step
         succeeded: a failure before registration leaves a FAILED run and no version; a server lost
         half-way leaves a version the next registration marks orphaned (see reconcile)."""
         record = training.to_dict()
@@ -504,6 +520,8 @@ class Registry:
             )
             mlflow.log_metrics(metrics)
             mlflow.set_tags({k: _tag_value(v) for k, v in tags.items()})
+            if drift_reference is not None:
+                mlflow.log_dict(drift_reference, DRIFT_REFERENCE_ARTIFACT)
             for folder, entries in record["artifacts"].items():
                 for entry in entries:
                     path, logged_as = (
@@ -604,6 +622,9 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+DRIFT_REFERENCE_ARTIFACT = "validation/accepted.json"
 
 
 def is_complete(version) -> bool:

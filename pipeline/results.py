@@ -75,6 +75,22 @@ class Split(StepResult):
 
 
 @dataclass(frozen=True)
+class ExtractionPlan(StepResult):
+    """extract, planned: the images missing from the feature cache, cut into shards of
+    [sha256, image path] pairs (sorted by sha256; each shard a whole number of batches)."""
+
+    feature_dir: str
+    identity: str
+    n_images: int
+    n_cached: int
+    shards: list[list[list[str]]]
+
+    @property
+    def n_missing(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+
+@dataclass(frozen=True)
 class FeatureSet(StepResult):
     """extract: the feature-cache folder of one feature identity and what this run added to it."""
 
@@ -180,6 +196,7 @@ __all__ = [
     "Bank",
     "Calibration",
     "Evaluation",
+    "ExtractionPlan",
     "FeatureSet",
     "Manifest",
     "Report",

@@ -11,7 +11,8 @@ their inputs, so a step whose inputs did not change finds its output and returns
     eval_sets/<sha256>.json                  pinned promotion evaluation sets (+ scores/)
 
 A `Store` is passed to every step (never read from a global). Its root is a local folder (the
-default: $PATCHCORE_HOME) or an fsspec URL (`file:///srv/patchcore`, `s3://bucket/prefix`, ...):
+default: env PATCHCORE_STORE, else $PATCHCORE_HOME) or an fsspec URL (`file:///srv/patchcore`,
+`s3://bucket/prefix`, ...; S3 endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...):
 
 - local folder: files are written to a temporary name and renamed; folders are built in a
   temporary folder and renamed, so a reader never sees half of either;
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -49,7 +51,9 @@ class Store:
     """Content-addressed outputs under one root (a local folder or an fsspec URL)."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        text = str(root).strip() if root is not None and str(root).strip() else str(home())
+        if root is None or not str(root).strip():
+            root = os.environ.get("PATCHCORE_STORE", "").strip() or home()
+        text = str(root).strip()
         if "://" in text:
             text = text.rstrip("/")  # s3://b/p and s3://b/p/ are one store
         self.url = text
@@ -69,9 +73,14 @@ class Store:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Store:
-        """The store a Params (or PipelineConfig) names: `pipeline.store`, else $PATCHCORE_HOME."""
+        """The store a Params (or PipelineConfig) names: `pipeline.store`, else env PATCHCORE_STORE,
+        else $PATCHCORE_HOME."""
         pipeline = getattr(settings, "pipeline", settings)
         return cls(getattr(pipeline, "store", None))
+
+    def __reduce__(self):
+        # Sent to another process (a Dask worker) by its URL: the worker finds its own local mirror.
+        return (Store, (self.url,))
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"

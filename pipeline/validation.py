@@ -314,19 +314,30 @@ def load_reference(product: str, store: Store | None = None) -> dict[str, Any] |
         raise DataError(f"{path}: unreadable drift reference ({exc}); delete it to start a new baseline") from None
 
 
-def accept_reference(result: ValidationResult, extra: dict[str, Any] | None = None, store: Store | None = None) -> Path:
-    """Make a passed set the baseline that the product's next versions are compared with. Call it
-    once a model trained on the set is registered (or by hand: `patchcore validate DIR --accept`)."""
+def reference_record(result: ValidationResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A passed set's statistics as a drift baseline (what the registry keeps with each version)."""
     if not result.passed:
         raise ValueError(f"{result.folder}: a set that failed validation cannot become the reference")
-    record = {
+    return {
         **result.stats,
         "product": result.product,
         "folder": str(result.folder),
         "accepted_at": _now(),
         **(extra or {}),
     }
-    return write_json(reference_path(result.product, store), record)
+
+
+def newest_reference(*references: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The most recently accepted of several baselines (the registry's and a local one set by hand)."""
+    found = [r for r in references if r]
+    return max(found, key=lambda r: str(r.get("accepted_at") or "")) if found else None
+
+
+def accept_reference(result: ValidationResult, extra: dict[str, Any] | None = None, store: Store | None = None) -> Path:
+    """Make a passed set the product's baseline on this machine's store, by hand (`patchcore validate
+    DIR --accept`). Trainings keep theirs in the registry, with the version (pipeline/registry.py);
+    validation compares with whichever of the two was accepted last."""
+    return write_json(reference_path(result.product, store), reference_record(result, extra))
 
 
 # -- the suite ----------------------------------------------------------------------------------
@@ -632,6 +643,8 @@ __all__ = [
     "ValidationError",
     "ValidationResult",
     "accept_reference",
+    "newest_reference",
+    "reference_record",
     "build_table",
     "image_folder",
     "image_stats",

@@ -5,6 +5,8 @@ and return typed results (paths and hashes, never arrays)."""
 from __future__ import annotations
 
 import math
+import socket
+import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -17,6 +19,7 @@ from pipeline.results import (
     Bank,
     Calibration,
     Evaluation,
+    ExtractionPlan,
     FeatureSet,
     Manifest,
     Report,
@@ -26,6 +29,7 @@ from pipeline.results import (
 )
 from pipeline.store import Store
 from pipeline.summary import summary_markdown
+from tasks.cluster import describe_cluster
 from tasks.common import IO_RETRIES, PLAIN, artifact_key
 from tasks.compat import install_fork_fix
 
@@ -47,8 +51,9 @@ def fingerprint(store: Store, data: str, product: str) -> Manifest:
 @task(name="validate data", **PLAIN)
 def validate(store: Store, manifest: Manifest, settings: Params, product: str) -> Validation:
     logger = get_run_logger()
+    reference = steps.current_reference(store, product, Registry(settings.mlflow).drift_reference(product))
     try:
-        out = steps.validate_dataset(store, manifest, settings, product)
+        out = steps.validate_dataset(store, manifest, settings, product, reference=reference)
     except Exception as exc:
         logger.error("data validation failed; nothing will be extracted or registered:\n%s", exc)
         raise
@@ -73,17 +78,33 @@ def split(store: Store, manifest: Manifest, settings: Params) -> Split:
     return out
 
 
+@task(name="plan feature extraction", **IO_RETRIES)
+def plan_extract(store: Store, manifest: Manifest, division: Split, settings: Params) -> ExtractionPlan:
+    out = steps.plan_extraction(store, manifest, division, settings.model, settings.cluster.shard_images)
+    on_dask = out.shards and settings.cluster.uses_dask()
+    get_run_logger().info(
+        "features: %d of %d images in the cache, %d to extract in %d shard(s)%s",
+        out.n_cached,
+        out.n_images,
+        out.n_missing,
+        len(out.shards),
+        f" on the Dask cluster ({describe_cluster(settings.cluster)})" if on_dask else "",
+    )
+    return out
+
+
 @task(name="extract features", **IO_RETRIES)
-def extract(store: Store, manifest: Manifest, division: Split, settings: Params) -> FeatureSet:
+def extract(store: Store, plan: ExtractionPlan, settings: Params) -> FeatureSet:
+    """Every shard of the plan, one after the other, in this process."""
     install_fork_fix()  # DataLoader workers are forked from this process
     logger = get_run_logger()
-    every = max(1, math.ceil(division.n_bank / 10))  # about ten progress lines
+    every = max(1, math.ceil(plan.n_missing / 10))  # about ten progress lines
 
     def progress(done: int, total: int) -> None:
         if done % every == 0 or done == total:
             logger.info("extracted %d/%d images", done, total)
 
-    out = steps.extract_features(store, manifest, division, settings.model, on_progress=progress)
+    out = steps.extract_planned(store, plan, settings.model, on_progress=progress)
     logger.info(
         "features of %d images: %d extracted, %d from the cache (%s)",
         out.n_images,
@@ -92,6 +113,19 @@ def extract(store: Store, manifest: Manifest, division: Split, settings: Params)
         out.feature_dir,
     )
     return out
+
+
+@task(name="extract shard", **IO_RETRIES, task_run_name="extract shard of {shard_name}")
+def extract_shard(store: Store, identity: str, shard: list[list[str]], shard_name: str, settings: Params) -> int:
+    """One shard, on whichever Dask worker the scheduler picks (a killed worker's shard is run again
+    elsewhere; images it had already written are skipped)."""
+    install_fork_fix()
+    start = time.perf_counter()
+    written = steps.extract_shard(store, identity, shard, settings.model)
+    get_run_logger().info(
+        "%d image(s) extracted on %s in %.1f s", written, socket.gethostname(), time.perf_counter() - start
+    )
+    return written
 
 
 @task(name="coreset memory bank", **IO_RETRIES)
@@ -169,13 +203,13 @@ def report(
 @task(name="register model", **PLAIN)
 def register(store: Store, product: str, settings: Params, record: TrainingRecord, validation: Validation) -> dict:
     # No retries: a second attempt after a half-finished registration could create a second version.
-    with product_lock(product, timeout_s=None):  # no promotion or rollback in between; never give up a training
-        registered = Registry(settings.mlflow).log_training(product, settings, record)
-    reference = steps.accept_validated_set(
-        store,
-        validation,
-        {"model": registered["name"], "version": registered["version"], "data_version": record.data_version},
+    registry = Registry(settings.mlflow)
+    # the validated set becomes the next drift baseline, kept with the version in the registry
+    reference = steps.drift_reference(
+        validation, {"model": registry.model_name(product), "data_version": record.data_version}
     )
+    with product_lock(product, timeout_s=None):  # no promotion or rollback in between; never give up a training
+        registered = registry.log_training(product, settings, record, drift_reference=reference)
     logger = get_run_logger()
     if registered.get("unchanged"):
         logger.info(
@@ -185,12 +219,11 @@ def register(store: Store, product: str, settings: Params, record: TrainingRecor
         )
         return registered
     logger.info(
-        "registered %s version %s (alias challenger), run %s at %s; drift reference %s",
+        "registered %s version %s (alias challenger), run %s at %s, with its drift baseline",
         registered["name"],
         registered["version"],
         registered["run_id"],
         registered["tracking_uri"],
-        reference,
     )
     if registered["random_weights"]:
         logger.warning("this model uses RANDOM backbone weights: promotion needs --allow-random-weights")

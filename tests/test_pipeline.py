@@ -249,6 +249,25 @@ def test_failed_validation_stops_before_extraction_and_registers_nothing(env, pr
     assert feature_files(env["home"]) == features_before
 
 
+def test_the_drift_baseline_is_kept_with_the_registered_version(trained, env, product, tmp_path):
+    """Any worker finds the baseline in the registry; a much darker set of the product fails validation."""
+    from flows.train import train
+
+    reference = env["registry"].drift_reference("tiles")
+    assert reference["data_version"] == trained["result"]["data_version"]
+    assert reference["n_images"] > 0 and "luminance_mean" in reference
+    assert not (env["home"] / "validation" / "tiles" / "accepted.json").exists()  # not on this machine's disk
+    dark = tmp_path / "tiles"
+    shutil.copytree(product, dark)
+    for path in (dark / "train" / "good").glob("*.png"):
+        with Image.open(path) as image:
+            image.point(lambda v: v // 3).save(path)
+    versions_before = len(env["registry"].client.search_model_versions())
+    with pytest.raises(DataError, match="luminance"):
+        train("tiles", str(dark), PARAMS, TINY)
+    assert len(env["registry"].client.search_model_versions()) == versions_before
+
+
 def test_dataloader_worker_processes_work_inside_prefect_tasks(env, product, fitted, tmp_path):
     """Image decoding workers are forked from the task's process; Prefect's own exit hooks must
     not make them die (the default runtime.num_workers is 2)."""

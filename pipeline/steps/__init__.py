@@ -15,12 +15,19 @@ No Prefect and no MLflow here (MLflow lives in pipeline/registry.py).
 from pipeline.steps.bank import bank_key, build_memory_bank, warm_start_source
 from pipeline.steps.calibrate import calibrate, choose_threshold, per_defect_rows
 from pipeline.steps.evaluate import evaluate_bank, score_records
-from pipeline.steps.features import extract_features, feature_identity
+from pipeline.steps.features import (
+    extract_features,
+    extract_planned,
+    extract_shard,
+    feature_identity,
+    feature_set,
+    plan_extraction,
+)
 from pipeline.steps.fingerprint import fingerprint_dataset, image_path, load_manifest
 from pipeline.steps.record import provenance, training_record
 from pipeline.steps.report import make_report
 from pipeline.steps.split import CALIBRATION, HOLDOUT, REPORT, TEST, split_dataset
-from pipeline.steps.validate import ValidationFailed, accept_validated_set, validate_dataset
+from pipeline.steps.validate import ValidationFailed, current_reference, drift_reference, validate_dataset
 
 __all__ = [
     "CALIBRATION",
@@ -28,19 +35,24 @@ __all__ = [
     "REPORT",
     "TEST",
     "ValidationFailed",
-    "accept_validated_set",
     "bank_key",
     "build_memory_bank",
     "calibrate",
     "choose_threshold",
+    "current_reference",
+    "drift_reference",
     "evaluate_bank",
     "extract_features",
+    "extract_planned",
+    "extract_shard",
     "feature_identity",
+    "feature_set",
     "fingerprint_dataset",
     "image_path",
     "load_manifest",
     "make_report",
     "per_defect_rows",
+    "plan_extraction",
     "provenance",
     "score_records",
     "split_dataset",

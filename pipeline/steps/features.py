@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +14,9 @@ from typing import Any
 from patchcore import PatchCore
 from patchcore.backbone import default_layers, sha256_file
 from patchcore.config import PatchCoreConfig
+from patchcore.data import DataError
 from pipeline.io import content_key
-from pipeline.results import FeatureSet, Manifest, Split
+from pipeline.results import ExtractionPlan, FeatureSet, Manifest, Split
 from pipeline.steps.fingerprint import image_path, load_manifest
 from pipeline.steps.split import load_split
 from pipeline.store import Store
@@ -88,41 +91,118 @@ def bank_image_keys(manifest: Manifest, split: Split) -> list[str]:
     return sorted(by_path[p] for p in load_split(split)["bank"])
 
 
-def extract_features(
-    store: Store,
-    manifest: Manifest,
-    split: Split,
-    config: PatchCoreConfig,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> FeatureSet:
-    """Patch features of every memory-bank image, cached per image content hash + feature identity
-    in features/<identity>/<sha256>.npy. Only images missing from the cache go through the
-    backbone; each file is written atomically, so an interrupted extraction leaves only complete
-    files behind and the re-run extracts only the rest."""
-    start = time.perf_counter()
+def plan_extraction(store: Store, manifest: Manifest, split: Split, config: PatchCoreConfig, shard_images: int = 32):
+    """Which memory-bank images are missing from the feature cache (features/<identity>/<sha256>.npy),
+    cut into shards: sorted by content hash, `shard_images` per shard rounded up to a whole number
+    of batches. The same images therefore meet in the same batches whether the shards run one
+    after the other here or on a cluster, and the features are bit-identical either way."""
     content = load_manifest(manifest)
     by_path = {e["path"]: e for e in content["images"]}
     identity = feature_identity(config)
     key = identity["key"]
     if not store.has("features", key, "identity.json"):
         store.write_json("features", key, "identity.json", data=identity["description"])
-    wanted = {by_path[p]["sha256"]: image_path(content, p) for p in load_split(split)["bank"]}
-    missing = {sha: path for sha, path in wanted.items() if not store.has("features", key, f"{sha}.npy")}
-    if missing:
-        logger.info("extracting features of %d image(s) (%d already cached)", len(missing), len(wanted) - len(missing))
-        shas, paths = list(missing), list(missing.values())
-        for done, (position, features) in enumerate(PatchCore(config).embed(paths, progress=False), start=1):
-            store.save_npy("features", key, f"{shas[position]}.npy", array=features)
-            if on_progress is not None:
-                on_progress(done, len(paths))
-    return FeatureSet(
+    wanted = {by_path[p]["sha256"]: str(image_path(content, p)) for p in load_split(split)["bank"]}
+    missing = sorted(sha for sha in wanted if not store.has("features", key, f"{sha}.npy"))
+    batch = max(1, config.runtime.batch_size)
+    size = max(batch, math.ceil(max(1, shard_images) / batch) * batch)
+    shards = [[[sha, wanted[sha]] for sha in missing[i : i + size]] for i in range(0, len(missing), size)]
+    return ExtractionPlan(
         feature_dir=str(store.path("features", key)),
         identity=key,
         n_images=len(wanted),
         n_cached=len(wanted) - len(missing),
-        n_extracted=len(missing),
-        seconds=time.perf_counter() - start,
+        shards=shards,
     )
 
 
-__all__ = ["FEATURE_CACHE_FORMAT", "bank_image_keys", "extract_features", "feature_identity"]
+def extract_shard(
+    store: Store,
+    identity: str,
+    shard: list[list[str]],
+    config: PatchCoreConfig,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Extract one shard's images and write each one's features into the store by itself (atomic:
+    a reader never sees a partial file). Images already there (a retried shard) are skipped, and
+    every image is checked against its content hash first: a worker that sees other bytes at the
+    path (another mount, a changed file) stops with the path named. Returns the images written."""
+    todo = [(sha, path) for sha, path in shard if not store.has("features", identity, f"{sha}.npy")]
+    for sha, path in todo:
+        found = _file_sha256(Path(path)) if Path(path).is_file() else None
+        if found != sha:
+            raise DataError(
+                f"{path}: {'missing' if found is None else 'its content changed'} on {socket.gethostname()} "
+                f"(the flow recorded sha256 {sha[:12]}…): every extraction worker must see the product's images "
+                "at the same path (a shared mount of the data folder)"
+            )
+    for done, (position, features) in enumerate(
+        PatchCore(config).embed([path for _, path in todo], progress=False), start=1
+    ):
+        store.save_npy("features", identity, f"{todo[position][0]}.npy", array=features)
+        if on_progress is not None:
+            on_progress(done, len(todo))
+    return len(todo)
+
+
+def feature_set(plan: ExtractionPlan, n_extracted: int, seconds: float) -> FeatureSet:
+    """What the extraction of `plan` did: `n_extracted` images went through the backbone (fewer than
+    planned when a retried shard found some already written); the rest came from the cache."""
+    return FeatureSet(
+        feature_dir=plan.feature_dir,
+        identity=plan.identity,
+        n_images=plan.n_images,
+        n_cached=plan.n_images - n_extracted,
+        n_extracted=n_extracted,
+        seconds=seconds,
+    )
+
+
+def extract_features(
+    store: Store,
+    manifest: Manifest,
+    split: Split,
+    config: PatchCoreConfig,
+    on_progress: Callable[[int, int], None] | None = None,
+    shard_images: int = 32,
+) -> FeatureSet:
+    """Patch features of every memory-bank image, cached per image content hash + feature identity
+    in features/<identity>/<sha256>.npy, in this process (shard after shard). Only images missing
+    from the cache go through the backbone; each file is written atomically, so an interrupted
+    extraction leaves only complete files behind and the re-run extracts only the rest."""
+    plan = plan_extraction(store, manifest, split, config, shard_images)
+    return extract_planned(store, plan, config, on_progress)
+
+
+def extract_planned(
+    store: Store,
+    plan: ExtractionPlan,
+    config: PatchCoreConfig,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> FeatureSet:
+    """Every shard of `plan`, one after the other, in this process; on_progress(done, total) per image."""
+    start = time.perf_counter()
+    if plan.shards:
+        logger.info("extracting features of %d image(s) (%d already cached)", plan.n_missing, plan.n_cached)
+    done = 0
+    for shard in plan.shards:
+        offset = done
+
+        def progress(n: int, _total: int, offset: int = offset) -> None:
+            if on_progress is not None:
+                on_progress(offset + n, plan.n_missing)
+
+        done += extract_shard(store, plan.identity, shard, config, progress)
+    return feature_set(plan, done, time.perf_counter() - start)
+
+
+__all__ = [
+    "FEATURE_CACHE_FORMAT",
+    "bank_image_keys",
+    "extract_features",
+    "extract_planned",
+    "extract_shard",
+    "feature_identity",
+    "feature_set",
+    "plan_extraction",
+]

@@ -11,21 +11,31 @@ from pipeline.io import read_json, resolve_recorded, write_json
 from pipeline.results import Manifest, Validation
 from pipeline.steps.fingerprint import image_path, load_manifest
 from pipeline.store import Store
-from pipeline.validation import ValidationError, ValidationResult, accept_reference, validate_image_set
+from pipeline.validation import (
+    ValidationError,
+    ValidationResult,
+    load_reference,
+    newest_reference,
+    reference_record,
+    validate_image_set,
+)
 
 
 class ValidationFailed(DataError):
     """The image set failed validation: nothing was extracted, trained or registered."""
 
 
-def validate_dataset(store: Store, manifest: Manifest, params: Params, product: str) -> Validation:
+def validate_dataset(
+    store: Store, manifest: Manifest, params: Params, product: str, reference: Any = "auto"
+) -> Validation:
     """The nominal images (train/good) must pass the Great Expectations suite of pipeline/validation.py
     (counts, formats, sizes, drift against the product's accepted version); every test image and
     mask must decode; at least two nominal images (one for the bank, one held out). Raises a
-    DataError listing every problem (file, check, observed value, fix)."""
+    DataError listing every problem (file, check, observed value, fix). reference: the drift
+    baseline (a dict, None for none, "auto": the one in the store, see validate_image_set)."""
     start = time.perf_counter()
     content = load_manifest(manifest)
-    result = validate_image_set(content["root"], params, product=product, store=store)
+    result = validate_image_set(content["root"], params, product=product, store=store, reference=reference)
     problems: list[str] = []
     train = [e for e in content["images"] if e["split"] == "train"]
     if len(train) < 2:
@@ -56,8 +66,8 @@ def validate_dataset(store: Store, manifest: Manifest, params: Params, product: 
     )
 
 
-def accept_validated_set(store: Store, validation: Validation, extra: dict[str, Any]) -> str:
-    """Make a validated set the product's drift reference (after its model is registered)."""
+def drift_reference(validation: Validation, extra: dict[str, Any]) -> dict[str, Any]:
+    """A validated set as the product's next drift baseline (registered with its model version)."""
     summary = read_json(validation.summary)
     result = ValidationResult(
         passed=bool(summary["passed"]),
@@ -66,7 +76,13 @@ def accept_validated_set(store: Store, validation: Validation, extra: dict[str, 
         summary=summary,
         stats=summary.get("stats") or {},
     )
-    return str(accept_reference(result, extra, store=store))
+    return reference_record(result, extra)
 
 
-__all__ = ["ValidationFailed", "accept_validated_set", "validate_dataset"]
+def current_reference(store: Store, product: str, registered: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The baseline a new set of `product` is checked against: the registry's (`registered`, from
+    Registry.drift_reference) or one accepted by hand in the store, whichever is newer."""
+    return newest_reference(registered, load_reference(product, store))
+
+
+__all__ = ["ValidationFailed", "current_reference", "drift_reference", "validate_dataset"]
