@@ -67,7 +67,7 @@ demo: install
 
 # Lint and format check (ruff, line length 120), then the suite (slow, real-data and real-weights
 # tests included when their inputs exist).
-test: install
+test: install postgres
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -ra --durations=15
@@ -118,3 +118,31 @@ serve-model:
 	setsid $(PY) -m deploy.model_server --model "models:/patchcore-$(PRODUCT)@champion" \
 	    --host 127.0.0.1 --port $(SERVE_MODEL_PORT) $(MODEL_SERVER_ARGS) > $(RUN_DIR)/model.log 2>&1 & echo $$! > $(RUN_DIR)/model.pid
 	@echo "serving patchcore-$(PRODUCT)@champion on http://127.0.0.1:$(SERVE_MODEL_PORT)/invocations (log $(RUN_DIR)/model.log)"
+
+# -- the production stack on one machine (deploy/stack.py; README "Scaling out"): PostgreSQL, an S3
+# store (SeaweedFS), Prefect server and MLflow server on PostgreSQL (artifacts in S3), a Dask
+# scheduler with 2 workers, a Prefect worker on the work pool `patchcore` (queues cpu, gpu) running
+# the deployments, and the new-data watcher; every port on 127.0.0.1. Credentials, logs, pid files:
+# $(PATCHCORE_HOME)/stack/. `make stack-down` stops exactly what `make stack` started.
+# Ports: STACK_PREFECT_PORT, STACK_MLFLOW_PORT, STACK_POSTGRES_PORT, STACK_S3_PORT, STACK_DASK_PORT.
+STACK_ARGS ?=
+STACK := $(PY) -m deploy.stack
+.PHONY: stack stack-down stack-env postgres
+stack: export PREFECT_HOME ?= $(PATCHCORE_HOME)/prefect
+stack: install postgres
+	$(STACK) up $(STACK_ARGS)
+
+stack-down:
+	@$(STACK) down
+
+stack-env:
+	@$(STACK) env
+
+# PostgreSQL's server programs (the stack and its tests need them): installed with apt when missing
+# and run as root; otherwise the message says what to install.
+postgres:
+	@$(PY) -c "from deploy.stack import pg_bin; pg_bin('initdb')" 2>/dev/null || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "installing PostgreSQL (apt-get install postgresql)"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	    else $(PY) -c "from deploy.stack import pg_bin; pg_bin('initdb')"; fi; }

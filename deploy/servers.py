@@ -111,12 +111,13 @@ def ensure_credentials(servers: Servers) -> tuple[dict[str, str], dict[str, str]
     return client, server
 
 
-def _write_auth_config(servers: Servers, client: dict[str, str]) -> None:
+def _write_auth_config(servers: Servers, client: dict[str, str], database_uri: str | None = None) -> None:
+    default_uri = f"sqlite:///{servers.run_dir / 'mlflow-auth.db'}"
     text = "\n".join(
         [
             "[mlflow]",
             "default_permission = READ",
-            f"database_uri = sqlite:///{servers.run_dir / 'mlflow-auth.db'}",
+            f"database_uri = {database_uri or default_uri}",
             f"admin_username = {client[credentials.MLFLOW_USER]}",
             f"admin_password = {client[credentials.MLFLOW_PASSWORD]}",
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
@@ -155,7 +156,10 @@ def running(servers: Servers, name: str) -> int | None:
     return pid
 
 
-def start(servers: Servers, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+def start(
+    servers: Servers, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None, user: str | None = None
+) -> int:
+    """Start `argv` in its own process group (as `user` when given), output appended to `name`.log."""
     servers.run_dir.mkdir(parents=True, exist_ok=True)
     with open(servers.log_file(name), "ab") as log:
         proc = subprocess.Popen(
@@ -166,18 +170,20 @@ def start(servers: Servers, name: str, argv: list[str], env: dict[str, str], cwd
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            user=user,
+            group=user,
         )
     servers.pid_file(name).write_text(f"{proc.pid} {_started(proc.pid) or ''}\n")
     return proc.pid
 
 
-def stop(servers: Servers, name: str, timeout_s: float = 20.0) -> bool:
-    """SIGTERM to the process group `name`.pid names, SIGKILL after `timeout_s`; False if none ran."""
+def stop(servers: Servers, name: str, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> bool:
+    """`sig` to the process group `name`.pid names, SIGKILL after `timeout_s`; False if none ran."""
     pid = running(servers, name)
     if pid is None:
         return False
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_s
@@ -245,15 +251,19 @@ def client_env(servers: Servers, client: dict[str, str], role: str = "pipeline")
     }
 
 
-def start_prefect(servers: Servers, client: dict[str, str]) -> int:
-    env = base_env(servers) | {
-        "PREFECT_SERVER_API_AUTH_STRING": client[credentials.PREFECT_AUTH],
-        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
-        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": servers.prefect_ui,
-        "PREFECT_UI_API_URL": servers.prefect_api,
-        # concurrency leases on disk, not in the server's memory: they survive a restart of the server
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
-    }
+def start_prefect(servers: Servers, client: dict[str, str], extra_env: dict[str, str] | None = None) -> int:
+    env = (
+        base_env(servers)
+        | (extra_env or {})
+        | {
+            "PREFECT_SERVER_API_AUTH_STRING": client[credentials.PREFECT_AUTH],
+            "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+            "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": servers.prefect_ui,
+            "PREFECT_UI_API_URL": servers.prefect_api,
+            # concurrency leases on disk, not in the server's memory: they survive a restart of the server
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+        }
+    )
     for key in ("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS",):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -261,15 +271,25 @@ def start_prefect(servers: Servers, client: dict[str, str]) -> int:
     return start(servers, "prefect", [*argv, "--port", str(servers.prefect_port)], env)
 
 
-def start_mlflow(servers: Servers, client: dict[str, str], server: dict[str, str]) -> int:
-    _write_auth_config(servers, client)
-    servers.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
-    env = base_env(servers) | server | {"MLFLOW_AUTH_CONFIG_PATH": str(servers.auth_config)}
+def start_mlflow(
+    servers: Servers,
+    client: dict[str, str],
+    server: dict[str, str],
+    stores: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> int:
+    """stores: {"backend": URI, "artifacts": URI, "auth": URI} (default: SQLite and a folder under
+    $PATCHCORE_HOME/mlflow, the single-machine set-up); extra_env: e.g. the S3 endpoint and keys."""
+    stores = stores or {}
+    _write_auth_config(servers, client, stores.get("auth"))
+    if not stores.get("backend"):  # the single-machine SQLite store lives here
+        servers.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+    env = base_env(servers) | (extra_env or {}) | server | {"MLFLOW_AUTH_CONFIG_PATH": str(servers.auth_config)}
     argv = [
         *(sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"),
         *("--host", "127.0.0.1", "--port", str(servers.mlflow_port), "--workers", "1"),
-        *("--backend-store-uri", f"sqlite:///{servers.mlflow_db}"),
-        *("--artifacts-destination", str(servers.home / "mlflow" / "artifacts")),
+        *("--backend-store-uri", stores.get("backend") or f"sqlite:///{servers.mlflow_db}"),
+        *("--artifacts-destination", stores.get("artifacts") or str(servers.home / "mlflow" / "artifacts")),
         *("--allowed-hosts", f"127.0.0.1:{servers.mlflow_port},localhost:{servers.mlflow_port}"),
         *("--cors-allowed-origins", servers.mlflow_uri),
     ]

@@ -3,7 +3,7 @@
     check new data --no--> "no new data" (finishes in seconds)
           | yes
     [training slot train-<product>: one training per product, others queue]
-    version data (dvc add) -> train-product-model -> commit data.dvc -> promote-product-model
+    version data (dvc add) -> train-product-model -> commit data.dvc -> dvc push -> promote-product-model
                                     | fails: data.dvc put back, nothing committed
 
 The check runs inside the product's training slot, so a trigger queued behind a running retrain
@@ -66,6 +66,7 @@ def retrain(
                 t.revert_data_version(versioned)  # a failed run leaves no changed .dvc file and no commit
                 raise
             commit = t.commit_data_version(versioned, product) if ops.git_commit_data else None
+            pushed = t.push_data_version(versioned) if ops.dvc_push else None
         decision = (
             promote(product, data, params_path, overrides, allow_random_weights=allow_random_weights)
             if ops.promote_after_training
@@ -76,7 +77,9 @@ def retrain(
         f"# Retrain {product} ({reason})",
         "",
         f"- {check['message']}",
-        f"- data version `{versioned['md5']}`" + (f", committed {commit[:12]}" if commit else ""),
+        f"- data version `{versioned['md5']}`"
+        + (f", committed {commit[:12]}" if commit else "")
+        + (f", pushed to DVC remote {pushed}" if pushed else ""),
         f"- challenger v{trained['registry']['version']}; features {features['n_extracted']} extracted, "
         f"{features['n_cached']} reused of {features['n_images']}",
         "- coreset: "
@@ -94,7 +97,7 @@ def retrain(
         "reason": reason,
         "message": check["message"],
         "md5": versioned["md5"],
-        "data_version": versioned | {"git_commit": commit},
+        "data_version": versioned | {"git_commit": commit, "dvc_remote": pushed},
         "registry": trained["registry"],
         "features": features,
         "coreset_continued": trained.get("coreset_continued"),

@@ -169,6 +169,9 @@ class OperationsConfig:
     # After training: run the promotion gate; commit data.dvc when the data lives in a git repo.
     promote_after_training: bool = True
     git_commit_data: bool = True
+    # After a successful retrain: `dvc push` the data version to the repository's default DVC remote
+    # when one is set (`make stack` sets one on its S3 store), so other machines can `dvc pull` it.
+    dvc_push: bool = True
 
     def __post_init__(self) -> None:
         if not self.schedule or not all(isinstance(v, str) and len(v.split()) == 5 for v in self.schedule.values()):

@@ -141,6 +141,26 @@ def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
     return git(root, "rev-parse", "HEAD", timeout=60)
 
 
+def push_data_version(versioned: dict[str, Any]) -> str | None:
+    """After a successful training: `dvc push` the data version to the repository's default remote
+    (`make stack` sets one on its S3 store), so any machine can `dvc pull` the images a version
+    was trained on. Returns the remote's name, or None when there is no .dvc file or no default remote."""
+    dvc = shutil.which("dvc") or _venv_dvc()
+    if not versioned.get("dvc_add") or dvc is None:
+        return None
+    root = Path(versioned["root"])
+    remote = subprocess.run([dvc, "remote", "default"], cwd=root, capture_output=True, text=True, timeout=60)
+    name = remote.stdout.strip()
+    if remote.returncode != 0 or not name:
+        return None
+    run = subprocess.run(
+        [dvc, "push", "--remote", name, versioned["dvc_add"]], cwd=root, capture_output=True, text=True, timeout=1800
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"dvc push {versioned['dvc_add']} to {name}: {run.stderr.strip() or run.stdout.strip()}")
+    return name
+
+
 def revert_data_version(versioned: dict[str, Any]) -> bool:
     """After a failed training: put the .dvc file back as it was before version_data, so a failed
     run leaves neither a commit nor a changed .dvc file behind. Returns whether it changed a file."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -20,7 +20,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import Crashed
 
 from pipeline.operations import training_limit_name
@@ -54,6 +54,25 @@ def training_slot(product: str, limit: int = 1) -> Iterator[None]:
     logger.info("waiting for training slot %s", name)
     with concurrency(name, occupy=1, strict=True, lease_duration=300):
         yield
+
+
+def ensure_work_pool(name: str, queues: list[str]) -> None:
+    """A Prefect work pool of type `process` (workers run flow runs as subprocesses) with these queues."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            except ObjectAlreadyExists:  # created by a concurrent caller meanwhile
+                pass
+        existing = {q.name for q in client.read_work_queues(work_pool_name=name)}
+        for queue in queues:
+            if queue not in existing:
+                try:
+                    client.create_work_queue(name=queue, work_pool_name=name)
+                except ObjectAlreadyExists:
+                    pass
 
 
 def clear_stale(deployment_ids: list, products: list[str]) -> dict[str, int]:

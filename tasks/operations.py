@@ -9,7 +9,7 @@ from prefect import task
 
 from pipeline import operations
 from pipeline.config import MlflowConfig
-from tasks.common import PLAIN
+from tasks.common import IO_RETRIES, PLAIN
 
 
 @task(name="check for new data", **PLAIN)
@@ -35,6 +35,19 @@ def commit_data_version(versioned: dict[str, Any], product: str) -> str | None:
         return None
     print(f"committed {versioned['dvc_file']}: {commit[:12]}" if commit else "nothing to commit")
     return commit
+
+
+@task(name="push data version (dvc push)", **IO_RETRIES)
+def push_data_version(versioned: dict[str, Any]) -> str | None:
+    try:
+        remote = operations.push_data_version(versioned)
+    except (RuntimeError, subprocess.SubprocessError) as exc:  # the model is registered: carry on
+        print(f"WARNING: {versioned.get('dvc_add')} could not be pushed ({exc}); run `dvc push` by hand")
+        return None
+    print(
+        f"pushed {versioned['dvc_add']} to DVC remote {remote}" if remote else "no DVC default remote: nothing pushed"
+    )
+    return remote
 
 
 @task(name="revert data version", **PLAIN)

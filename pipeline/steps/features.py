@@ -124,11 +124,15 @@ def extract_shard(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Extract one shard's images and write each one's features into the store by itself (atomic:
-    a reader never sees a partial file). Images already there (a retried shard) are skipped, and
-    every image is checked against its content hash first: a worker that sees other bytes at the
-    path (another mount, a changed file) stops with the path named. Returns the images written."""
-    todo = [(sha, path) for sha, path in shard if not store.has("features", identity, f"{sha}.npy")]
-    for sha, path in todo:
+    a reader never sees a partial file). A retried shard (its worker died half-way) runs its whole
+    batches again, so every image meets the same batch neighbours and its features stay
+    bit-identical, but writes only the images still missing. Every image is checked against its
+    content hash first: a worker that sees other bytes at the path (another mount, a changed file)
+    stops with the path named. Returns the number of images written."""
+    missing = {sha for sha, _ in shard if not store.has("features", identity, f"{sha}.npy")}
+    if not missing:
+        return 0
+    for sha, path in shard:
         found = _file_sha256(Path(path)) if Path(path).is_file() else None
         if found != sha:
             raise DataError(
@@ -136,13 +140,15 @@ def extract_shard(
                 f"(the flow recorded sha256 {sha[:12]}…): every extraction worker must see the product's images "
                 "at the same path (a shared mount of the data folder)"
             )
-    for done, (position, features) in enumerate(
-        PatchCore(config).embed([path for _, path in todo], progress=False), start=1
-    ):
-        store.save_npy("features", identity, f"{todo[position][0]}.npy", array=features)
-        if on_progress is not None:
-            on_progress(done, len(todo))
-    return len(todo)
+    written = 0
+    for position, features in PatchCore(config).embed([path for _, path in shard], progress=False):
+        sha = shard[position][0]
+        if sha in missing:
+            store.save_npy("features", identity, f"{sha}.npy", array=features)
+            written += 1
+            if on_progress is not None:
+                on_progress(written, len(missing))
+    return written
 
 
 def feature_set(plan: ExtractionPlan, n_extracted: int, seconds: float) -> FeatureSet:
