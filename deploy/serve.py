@@ -11,6 +11,13 @@ new-data watcher (deploy/watcher.py) running beside them:
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deploy.serve     (`make serve` does all of it)
 
+Work-pool mode (`make stack`; README "Scaling out"): the same deployments, schedules and triggers
+registered for a Prefect work pool, whose `prefect worker`s (on this machine or others) run them;
+training in queue `gpu`, promotion and inspection in queue `cpu`. It registers and exits; the watcher
+then runs on its own (`python -m deploy.watcher`):
+
+    python -m deploy.serve --work-pool patchcore [--source <folder or git URL>] [--clear-stale]
+
 At start it clears what a killed predecessor left behind (tasks/concurrency.clear_stale: runs of
 these deployments still Pending/Running are marked Crashed, training slots freed), so a restart
 after `kill -9` or a reboot never wedges the retrain loop.

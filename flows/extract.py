@@ -23,7 +23,9 @@ def extract_shards(store: Store, plan: ExtractionPlan, settings: Params) -> Feat
     start = time.perf_counter()
     with cluster.shard_resources(settings.cluster):
         futures = [
-            t.extract_shard.submit(store, plan.identity, shard, f"{len(shard)} images from {shard[0][0][:8]}", settings)
+            t.extract_shard.submit(
+                store, plan.identity, shard, f"{len(shard)} images from {shard[0][0][:8]}", plan.threads, settings
+            )
             for shard in plan.shards
         ]
     written = sum(future.result() for future in futures)

@@ -209,6 +209,11 @@ class ClusterConfig:
     # Images per shard (rounded up to a multiple of model.runtime.batch_size, so every shard's
     # batches hold the same images in any mode: the features are bit-identical).
     shard_images: int = 32
+    # Intra-op CPU threads of the backbone in every shard, wherever it runs; null: the cores of the
+    # machine that plans the extraction. The CPU kernels round differently with another thread count,
+    # so one count for all shards keeps the features bit-identical across workers (Dask's own
+    # 1-thread-per-worker default does not apply to them).
+    extract_threads: int | None = None
     # Each shard asks the scheduler for one "GPU" resource: start GPU workers with
     # `dask worker ... --nworkers 1 --resources GPU=1` (one per GPU, CUDA_VISIBLE_DEVICES set).
     gpu_resource: bool = False
@@ -218,6 +223,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.extract must be one of {', '.join(EXTRACT_MODES)}, got {self.extract!r}")
         if self.local_workers < 1 or self.shard_images < 1:
             raise ConfigError("cluster.local_workers and cluster.shard_images must be >= 1")
+        if self.extract_threads is not None and self.extract_threads < 1:
+            raise ConfigError(f"cluster.extract_threads must be >= 1 or null, got {self.extract_threads}")
         if self.dask_address is not None and "://" not in self.dask_address:
             raise ConfigError(
                 f"cluster.dask_address must be a scheduler URL such as tcp://127.0.0.1:8786, got {self.dask_address!r}"

@@ -84,6 +84,7 @@ class ExtractionPlan(StepResult):
     n_images: int
     n_cached: int
     shards: list[list[list[str]]]
+    threads: int = 1  # intra-op CPU threads of every shard (the same everywhere: the same bits)
 
     @property
     def n_missing(self) -> int:

@@ -80,7 +80,8 @@ def split(store: Store, manifest: Manifest, settings: Params) -> Split:
 
 @task(name="plan feature extraction", **IO_RETRIES)
 def plan_extract(store: Store, manifest: Manifest, division: Split, settings: Params) -> ExtractionPlan:
-    out = steps.plan_extraction(store, manifest, division, settings.model, settings.cluster.shard_images)
+    c = settings.cluster
+    out = steps.plan_extraction(store, manifest, division, settings.model, c.shard_images, c.extract_threads)
     on_dask = out.shards and settings.cluster.uses_dask()
     get_run_logger().info(
         "features: %d of %d images in the cache, %d to extract in %d shard(s)%s",
@@ -116,12 +117,14 @@ def extract(store: Store, plan: ExtractionPlan, settings: Params) -> FeatureSet:
 
 
 @task(name="extract shard", **IO_RETRIES, task_run_name="extract shard of {shard_name}")
-def extract_shard(store: Store, identity: str, shard: list[list[str]], shard_name: str, settings: Params) -> int:
+def extract_shard(
+    store: Store, identity: str, shard: list[list[str]], shard_name: str, threads: int, settings: Params
+) -> int:
     """One shard, on whichever Dask worker the scheduler picks (a killed worker's shard is run again
     elsewhere; images it had already written are skipped)."""
     install_fork_fix()
     start = time.perf_counter()
-    written = steps.extract_shard(store, identity, shard, settings.model)
+    written = steps.extract_shard(store, identity, shard, settings.model, threads=threads)
     get_run_logger().info(
         "%d image(s) extracted on %s in %.1f s", written, socket.gethostname(), time.perf_counter() - start
     )

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from patchcore import PatchCore
 from patchcore.backbone import default_layers, sha256_file
@@ -91,10 +95,18 @@ def bank_image_keys(manifest: Manifest, split: Split) -> list[str]:
     return sorted(by_path[p] for p in load_split(split)["bank"])
 
 
-def plan_extraction(store: Store, manifest: Manifest, split: Split, config: PatchCoreConfig, shard_images: int = 32):
+def plan_extraction(
+    store: Store,
+    manifest: Manifest,
+    split: Split,
+    config: PatchCoreConfig,
+    shard_images: int = 32,
+    threads: int | None = None,
+) -> ExtractionPlan:
     """Which memory-bank images are missing from the feature cache (features/<identity>/<sha256>.npy),
     cut into shards: sorted by content hash, `shard_images` per shard rounded up to a whole number
-    of batches. The same images therefore meet in the same batches whether the shards run one
+    of batches, each run with `threads` CPU threads (None: this machine's cores). The same images
+    therefore meet in the same batches, computed by as many threads, whether the shards run one
     after the other here or on a cluster, and the features are bit-identical either way."""
     content = load_manifest(manifest)
     by_path = {e["path"]: e for e in content["images"]}
@@ -113,7 +125,16 @@ def plan_extraction(store: Store, manifest: Manifest, split: Split, config: Patc
         n_images=len(wanted),
         n_cached=len(wanted) - len(missing),
         shards=shards,
+        threads=threads or available_cores(),
     )
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def extract_shard(
@@ -122,13 +143,15 @@ def extract_shard(
     shard: list[list[str]],
     config: PatchCoreConfig,
     on_progress: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
 ) -> int:
     """Extract one shard's images and write each one's features into the store by itself (atomic:
     a reader never sees a partial file). A retried shard (its worker died half-way) runs its whole
     batches again, so every image meets the same batch neighbours and its features stay
     bit-identical, but writes only the images still missing. Every image is checked against its
     content hash first: a worker that sees other bytes at the path (another mount, a changed file)
-    stops with the path named. Returns the number of images written."""
+    stops with the path named. `threads`: torch's intra-op CPU threads for it (the plan's; the
+    kernels' rounding depends on the count). Returns the number of images written."""
     missing = {sha for sha, _ in shard if not store.has("features", identity, f"{sha}.npy")}
     if not missing:
         return 0
@@ -140,8 +163,12 @@ def extract_shard(
                 f"(the flow recorded sha256 {sha[:12]}…): every extraction worker must see the product's images "
                 "at the same path (a shared mount of the data folder)"
             )
+    if threads:
+        torch.set_num_threads(threads)
     written = 0
-    for position, features in PatchCore(config).embed([path for _, path in shard], progress=False):
+    for position, features in _extractor(json.dumps(config.to_dict(), sort_keys=True)).embed(
+        [path for _, path in shard], progress=False
+    ):
         sha = shard[position][0]
         if sha in missing:
             store.save_npy("features", identity, f"{sha}.npy", array=features)
@@ -149,6 +176,13 @@ def extract_shard(
             if on_progress is not None:
                 on_progress(written, len(missing))
     return written
+
+
+@functools.lru_cache(maxsize=2)
+def _extractor(config_json: str) -> PatchCore:
+    """One PatchCore per feature configuration and process: a worker that runs many shards builds
+    (and loads the weights of) its backbone once."""
+    return PatchCore(PatchCoreConfig.from_dict(json.loads(config_json)))
 
 
 def feature_set(plan: ExtractionPlan, n_extracted: int, seconds: float) -> FeatureSet:
@@ -171,12 +205,13 @@ def extract_features(
     config: PatchCoreConfig,
     on_progress: Callable[[int, int], None] | None = None,
     shard_images: int = 32,
+    threads: int | None = None,
 ) -> FeatureSet:
     """Patch features of every memory-bank image, cached per image content hash + feature identity
     in features/<identity>/<sha256>.npy, in this process (shard after shard). Only images missing
     from the cache go through the backbone; each file is written atomically, so an interrupted
     extraction leaves only complete files behind and the re-run extracts only the rest."""
-    plan = plan_extraction(store, manifest, split, config, shard_images)
+    plan = plan_extraction(store, manifest, split, config, shard_images, threads)
     return extract_planned(store, plan, config, on_progress)
 
 
@@ -198,7 +233,7 @@ def extract_planned(
             if on_progress is not None:
                 on_progress(offset + n, plan.n_missing)
 
-        done += extract_shard(store, plan.identity, shard, config, progress)
+        done += extract_shard(store, plan.identity, shard, config, progress, threads=plan.threads)
     return feature_set(plan, done, time.perf_counter() - start)
 
 
