@@ -7,12 +7,15 @@ dask), on the same images, in one run.
              processes (1 thread each), the product's path, twice: on fresh worker processes (they
              import the pipeline and build the backbone) and on the same, warm ones (a long-running
              cluster such as `make stack`'s); the cluster's start-up is timed apart
-    shards   the same shards mapped with a plain Dask client over the same cluster, each timed inside
-             its worker: the per-shard cost (the first shard of a worker also builds its backbone)
+    one      the product's path again, all shards on one of those workers (the other idle), and the
+             same shards through a plain Dask client, each timed inside the worker: the per-shard
+             cost of a worker that has its machine to itself, and what Prefect adds
 
 Each run writes into its own empty store, and the features of all three are compared byte for byte.
-From the per-shard cost and the fixed overhead (dask wall time minus the busiest worker's shard
-time) it projects the wall time on N workers: overhead + ceil(shards / N) * shard time. A GPU worker's
+Every shard runs the plan's CPU thread count (cluster.extract_threads: this machine's cores), so on
+one machine the Dask workers share its cores. From the per-shard cost of a worker alone and the
+overhead (the product's path on one worker alone, minus its shards' own time) it projects the
+wall time on N machines with one worker each: overhead + ceil(shards / N) * shard time. A GPU worker's
 shard time is not measured here (bench/gpu.sh measures extraction img/s on a GPU): the projection
 is the CPU figure, and the formula holds with the GPU's shard time put in.
 
@@ -72,6 +75,7 @@ def main() -> int:
     for key, value in (("DO_NOT_TRACK", "true"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
         os.environ.setdefault(key, value)
 
+    import dask
     import torch
     from distributed import Client, LocalCluster
     from prefect import flow
@@ -83,6 +87,7 @@ def main() -> int:
     from pipeline import steps
     from pipeline.config import Params, with_overrides
     from pipeline.store import Store
+    from tasks.cluster import WORKER_CONFIG
 
     work = Path(tempfile.mkdtemp(prefix="bench-dask-"))
     os.environ["PATCHCORE_HOME"] = str(work / "home")
@@ -129,7 +134,7 @@ def main() -> int:
             "image": f"center_crop {args.size}/{crop}",
             "batch_size": base.model.runtime.batch_size,
             "shard_images": args.shard_images,
-            "dask_workers": f"{args.workers} processes x 1 thread",
+            "dask_workers": f"{args.workers} processes on this machine, each shard with the plan's threads",
             "single_process_threads": torch.get_num_threads(),
         },
         "machine": {
@@ -164,6 +169,7 @@ def main() -> int:
             return 1
 
         warm()
+        dask.config.set(WORKER_CONFIG)  # as the product's LocalCluster and `make stack`'s workers have it
         start = time.perf_counter()
         cluster = LocalCluster(  # the workers report to the same Prefect API (as tasks/cluster.py arranges)
             n_workers=args.workers,
@@ -185,8 +191,15 @@ def main() -> int:
                 print(f"{name} via Prefect: {walls[-1]:.1f} s (cluster start {cluster_start:.1f} s)", flush=True)
             cold_wall, dask_wall = walls
 
-            settings, store, plan = planned(work / "shards")
             with Client(cluster.scheduler_address) as client:
+                one = sorted(client.scheduler_info()["workers"])[:1]  # one worker alone: no other shard competes
+                settings, store, plan = planned(work / "prefect-one")
+                settings = with_overrides(settings, {"cluster.dask_address": cluster.scheduler_address})
+                start = time.perf_counter()
+                with dask.annotate(workers=one):  # the product's path, on one worker that has the machine
+                    extract_on_cluster(store, plan, settings)
+                prefect_one_wall = time.perf_counter() - start
+                settings, store, plan = planned(work / "shards")
                 start = time.perf_counter()
                 futures = [
                     client.submit(
@@ -197,6 +210,7 @@ def main() -> int:
                         settings.model.to_dict(),
                         plan.threads,
                         pure=False,
+                        workers=one,
                     )
                     for shard in plan.shards
                 ]
@@ -206,32 +220,31 @@ def main() -> int:
             cluster.close()
     same = all(
         _digests(work / name / "features") == _digests(work / "single" / "features")
-        for name in ("dask-cold", "dask", "shards")
+        for name in ("dask-cold", "dask", "prefect-one", "shards")
     )
-    per_worker: dict[str, float] = {}
-    for t in timed:
-        per_worker[t["worker"]] = per_worker.get(t["worker"], 0.0) + t["seconds"]
-    later = [t["seconds"] for t in timed[args.workers :]] or [t["seconds"] for t in timed]  # backbone built already
-    shard_s = sorted(later)[len(later) // 2]
-    overhead = dask_wall - max(per_worker.values())
+    shard_s = sorted(t["seconds"] for t in timed)[len(timed) // 2]
+    # what Prefect and Dask add to a run, measured where no shard competes: the product's path on one
+    # worker minus the same shards' own time on that worker
+    overhead = max(0.0, prefect_one_wall - sum(t["seconds"] for t in timed))
     results["dask"] = {
         "cluster_start_seconds": round(cluster_start, 2),
         "first_run_seconds": round(cold_wall, 2),  # fresh worker processes: imports and backbone
         "seconds": round(dask_wall, 2),
         "ms_per_image": round(1000 * dask_wall / n, 1),
         "overhead_ratio": round(dask_wall / single, 3),
-        "plain_client_seconds": round(plain_wall, 2),
+        "one_worker_alone_seconds": round(prefect_one_wall, 2),
+        "one_worker_alone_plain_dask_seconds": round(plain_wall, 2),
     }
     results["per_shard"] = {
-        "median_seconds": round(shard_s, 3),
-        "first_shard_per_worker_seconds": [round(t["seconds"], 3) for t in timed[: args.workers]],
+        "median_seconds": round(shard_s, 3),  # one worker alone, with the plan's threads
         "images_per_shard": args.shard_images,
-        "busiest_worker_seconds": round(max(per_worker.values()), 2),
+        "threads": plan.threads,
         "fixed_overhead_seconds": round(overhead, 2),
     }
     results["features_identical"] = same
     results["projection"] = {
-        "formula": "fixed overhead + ceil(shards / N) * median shard time (CPU shard time of this machine)",
+        "formula": "fixed overhead + ceil(shards / N) * median shard time of a worker alone (N machines, "
+        "one worker each; this machine's CPU shard time)",
         "by_workers": {
             str(k): round(overhead + math.ceil(len(plan.shards) / k) * shard_s, 1) for k in (1, 2, 4, 8, 16)
         },
@@ -262,15 +275,16 @@ def markdown(r: dict) -> str:
         f"{round(1000 * d['first_run_seconds'] / r['images'], 1)} | "
         f"{round(d['first_run_seconds'] / s['seconds'], 3)}× |",
         f"| Dask via Prefect, warm workers | {d['seconds']} | {d['ms_per_image']} | {d['overhead_ratio']}× |",
-        f"| plain Dask client, same cluster | {d['plain_client_seconds']} | – | "
-        f"{round(d['plain_client_seconds'] / s['seconds'], 3)}× |",
+        f"| Dask via Prefect, one warm worker alone | {d['one_worker_alone_seconds']} | "
+        f"{round(1000 * d['one_worker_alone_seconds'] / r['images'], 1)} | "
+        f"{round(d['one_worker_alone_seconds'] / s['seconds'], 3)}× |",
         "",
         f"Cluster start {d['cluster_start_seconds']} s (not in the wall times). "
         f"Per shard: median {p['median_seconds']} s; "
-        f"a worker's first shard (builds the backbone) {', '.join(map(str, p['first_shard_per_worker_seconds']))} s; "
-        f"fixed overhead {p['fixed_overhead_seconds']} s.",
+        f"{p['threads']} threads; what Prefect and Dask add to a run (one worker alone, minus its shards' "
+        f"own time) {p['fixed_overhead_seconds']} s.",
         "",
-        "| workers | projected wall s, these images | projected wall s, 1,000 images |",
+        "| machines (one worker each) | projected wall s, these images | projected wall s, 1,000 images |",
         "|---|---|---|",
     ]
     for k, v in r["projection"]["by_workers"].items():

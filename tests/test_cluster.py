@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,49 @@ def test_dask_extraction_gives_the_bank_and_scores_of_in_process_extraction(tmp_
     assert banks_dask == banks_local
     assert dask["metrics"] == local["metrics"]
     assert dask["registry"]["unchanged"]  # the second training found the first's identical version
+
+
+def test_with_gpu_resource_every_shard_runs_on_a_worker_that_offers_a_gpu(tmp_path):
+    """cluster.gpu_resource: each shard asks for one GPU worker resource, so only the worker started
+    with `--resources GPU=1` runs shards (here without a real GPU: the shard falls back to the CPU)."""
+    from distributed import Client, LocalCluster
+
+    from flows.train import train
+
+    data = generate_product(tmp_path / "data", "tiles", n_train=14, n_test_good=2, n_test_defect=2, size_px=112, seed=4)
+    dask = str(Path(sys.executable).parent / "dask")
+    workers = []
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster:
+        try:
+            with pipeline_home(tmp_path):
+                from prefect.settings import PREFECT_API_URL
+
+                env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value()}
+                for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
+                    argv = [dask, "worker", cluster.scheduler_address, "--name", name, "--nthreads", "1"]
+                    argv += ["--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", *extra]
+                    workers.append(
+                        subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    )
+                with Client(cluster.scheduler_address) as client:
+                    client.wait_for_workers(2, timeout=90)
+                    settings = {
+                        "cluster.shard_images": 4,
+                        "cluster.dask_address": cluster.scheduler_address,
+                        "cluster.gpu_resource": True,
+                    }
+                    result = train("tiles", str(data), PARAMS, tiny_overrides() | settings)
+                    executed = dict(
+                        client.run(lambda dask_worker: (dask_worker.name, dask_worker.state.executed_count)).values()
+                    )
+            assert result["features"]["n_extracted"] == result["features"]["n_images"] > 8  # three shards or more
+            assert executed["cpu"] == 0 and executed["gpu"] >= 3
+        finally:
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()

@@ -207,6 +207,22 @@ def test_stack_comes_up_on_loopback_with_credentials_only_the_user_can_read(stac
     assert ours and all(" 127.0.0.1:" in line for line in ours), ours
     state = json.loads(s.state_file.read_text())
     assert state["ports"]["postgres"] == s.postgres_port and state["startup_seconds"]["all"] > 0
+    # the deployments are the work pool's, with the same cron and new-data trigger as `make serve`'s
+    deployments = json.loads(
+        _python(
+            stack["env"],
+            "import json\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    ds = c.read_deployments()\n"
+            "    autos = [a.name for a in c.read_automations()]\n"
+            "    print(json.dumps({'autos': autos, 'deps': {d.name: [d.work_pool_name, d.work_queue_name,\n"
+            "        len(d.schedules)] for d in ds}}))\n",
+        )
+    )
+    assert deployments["deps"]["retrain-tiles"] == ["patchcore", "gpu", 1]
+    assert deployments["deps"]["promote"][:2] == ["patchcore", "cpu"]
+    assert "new data for tiles" in deployments["autos"]
 
 
 def test_new_images_retrain_through_the_work_pool_with_dask_extraction_into_s3_and_postgres_mlflow(stack, retrained):
