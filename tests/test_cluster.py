@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,13 +90,15 @@ def test_with_gpu_resource_every_shard_runs_on_a_worker_that_offers_a_gpu(tmp_pa
                         "cluster.shard_images": 4,
                         "cluster.dask_address": cluster.scheduler_address,
                         "cluster.gpu_resource": True,
+                        "model.runtime.batch_size": 4,
                     }
                     result = train("tiles", str(data), PARAMS, tiny_overrides() | settings)
                     executed = dict(
                         client.run(lambda dask_worker: (dask_worker.name, dask_worker.state.executed_count)).values()
                     )
-            assert result["features"]["n_extracted"] == result["features"]["n_images"] > 8  # three shards or more
-            assert executed["cpu"] == 0 and executed["gpu"] >= 3
+            n = result["features"]["n_images"]
+            assert result["features"]["n_extracted"] == n > 8  # three shards or more
+            assert executed == {"cpu": 0, "gpu": math.ceil(n / 4)}  # every shard, and only shards, on the GPU worker
         finally:
             for worker in workers:
                 worker.terminate()
