@@ -43,6 +43,7 @@ def test_dask_extraction_gives_the_bank_and_scores_of_in_process_extraction(tmp_
         "model.image.crop": 112,
         "model.features.pretrain_dim": 512,
         "model.features.target_dim": 512,
+        "model.runtime.num_workers": 2,  # the default: a Dask worker (a daemon process) decodes in-process instead
     }
     with pipeline_home(tmp_path):
         local = train("tiles", str(data), PARAMS, common | {"pipeline.store": str(tmp_path / "local")})

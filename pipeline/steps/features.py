@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import socket
 import time
@@ -165,6 +166,10 @@ def extract_shard(
             )
     if threads:
         torch.set_num_threads(threads)
+    if multiprocessing.current_process().daemon and config.runtime.num_workers:
+        # a Dask worker is a daemon process, which may not start DataLoader workers: decode here
+        # (the decoded tensors, and so the features, are the same)
+        config = config.replace(**{"runtime.num_workers": 0})
     written = 0
     for position, features in _extractor(json.dumps(config.to_dict(), sort_keys=True)).embed(
         [path for _, path in shard], progress=False
