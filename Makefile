@@ -113,6 +113,7 @@ MODEL_SERVER_ARGS ?=
 # read-only viewer account; an exported MLFLOW_TRACKING_URI (e.g. from `make stack-env`) wins.
 STACK_DIR := $(PATCHCORE_HOME)/stack
 serve-model: export MLFLOW_TRACKING_URI := $(or $(MLFLOW_TRACKING_URI),$(if $(wildcard $(STACK_DIR)/mlflow.pid),http://127.0.0.1:$(shell $(PY) -c "import json; print(json.load(open('$(STACK_DIR)/stack.json'))['ports']['mlflow'])" 2>/dev/null),$(if $(wildcard $(RUN_DIR)/mlflow.pid),http://127.0.0.1:$(MLFLOW_PORT),sqlite:///$(MLFLOW_DB))))
+serve-model: export MLFLOW_REGISTRY_URI = $(MLFLOW_TRACKING_URI)
 serve-model: export PATCHCORE_CREDENTIALS := $(or $(PATCHCORE_CREDENTIALS),$(if $(wildcard $(STACK_DIR)/mlflow.pid),$(STACK_DIR)/credentials.env))
 serve-model: export PATH := $(abspath $(VENV))/bin:$(PATH)
 serve-model:

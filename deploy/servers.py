@@ -218,7 +218,11 @@ def wait_healthy(url: str, log: Path, timeout_s: float = HEALTH_TIMEOUT_S) -> No
 
 
 def base_env(servers: Servers) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_"))}
+    # Not inherited: Prefect's settings and MLflow's store addresses (mlflow.set_registry_uri exports
+    # MLFLOW_REGISTRY_URI: a registry named there would take every registration away from these servers).
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_", "MLFLOW_REGISTRY_"))
+    }
     for key in ("PREFECT_HOME", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -245,6 +249,7 @@ def client_env(servers: Servers, client: dict[str, str], role: str = "pipeline")
         "PREFECT_API_URL": servers.prefect_api,
         credentials.PREFECT_AUTH: client[credentials.PREFECT_AUTH],
         "MLFLOW_TRACKING_URI": servers.mlflow_uri,
+        "MLFLOW_REGISTRY_URI": servers.mlflow_uri,
         credentials.MLFLOW_USER: user,
         credentials.MLFLOW_PASSWORD: password,
         "PATCHCORE_CREDENTIALS": str(servers.credentials_file),
@@ -352,6 +357,7 @@ def env_lines(servers: Servers) -> list[str]:
         f"export PATCHCORE_HOME={servers.home}",
         f"export PREFECT_API_URL={servers.prefect_api}",
         f"export MLFLOW_TRACKING_URI={servers.mlflow_uri}",
+        f"export MLFLOW_REGISTRY_URI={servers.mlflow_uri}",
         f"export PATCHCORE_CREDENTIALS={servers.credentials_file}",
     ]
     if servers.credentials_file.is_file():

@@ -496,6 +496,7 @@ def env_lines(stack: Stack) -> list[str]:
         f"export PATCHCORE_HOME={stack.home}",
         f"export PREFECT_API_URL={stack.prefect_api}",
         f"export MLFLOW_TRACKING_URI={stack.mlflow_uri}",
+        f"export MLFLOW_REGISTRY_URI={stack.mlflow_uri}",
         f"export PATCHCORE_CREDENTIALS={stack.credentials_file}",
         f"export PATCHCORE_STORE={stack.store_url}",
         f"export PATCHCORE_DASK_ADDRESS={stack.dask_address}",

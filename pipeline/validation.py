@@ -321,7 +321,7 @@ def reference_record(result: ValidationResult, extra: dict[str, Any] | None = No
     return {
         **result.stats,
         "product": result.product,
-        "folder": str(result.folder),
+        "folder": recorded_path(result.folder),
         "accepted_at": _now(),
         **(extra or {}),
     }

@@ -99,3 +99,35 @@ def _quiet_random_weights_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         yield
+
+
+def wait_for(what: str, check, timeout: float, logs: list[Path], interval: float = 1.0):
+    """check() until it returns something truthy (returned), or fail after `timeout` seconds with the
+    end of each log in `logs`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    tails = "\n".join(
+        f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs if p.is_file()
+    )
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+def tree_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` by relative path; a saved model's model.json without its
+    timings (they differ from run to run)."""
+    import hashlib
+    import json
+
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "model.json":
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "timings"}, sort_keys=True).encode()
+        out[path.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out

@@ -3,8 +3,6 @@ the same features, bank and scores as in-process extraction, bit for bit."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import subprocess
@@ -12,22 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PARAMS, pipeline_home, tiny_overrides
+from conftest import PARAMS, pipeline_home, tiny_overrides, tree_digests
 
 from patchcore.synthetic import generate_product
 
 pytestmark = pytest.mark.slow
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`; a saved model's model.json without its timings."""
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "model.json":
-            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "timings"}, sort_keys=True).encode()
-        out[path.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def test_dask_extraction_gives_the_bank_and_scores_of_in_process_extraction(tmp_path):
@@ -54,10 +41,10 @@ def test_dask_extraction_gives_the_bank_and_scores_of_in_process_extraction(tmp_
             common | {"pipeline.store": str(tmp_path / "dask"), "cluster.extract": "dask", "cluster.local_workers": 2},
         )
     assert dask["features"]["n_extracted"] == local["features"]["n_extracted"] == local["features"]["n_images"]
-    features_local = digests(tmp_path / "local" / "features")
+    features_local = tree_digests(tmp_path / "local" / "features")
     assert len([k for k in features_local if k.endswith(".npy")]) == local["features"]["n_images"]
-    assert digests(tmp_path / "dask" / "features") == features_local  # every feature file, byte for byte
-    banks_local, banks_dask = (digests(tmp_path / s / "banks") for s in ("local", "dask"))
+    assert tree_digests(tmp_path / "dask" / "features") == features_local  # every feature file, byte for byte
+    banks_local, banks_dask = (tree_digests(tmp_path / s / "banks") for s in ("local", "dask"))
     assert banks_dask == banks_local
     assert dask["metrics"] == local["metrics"]
     assert dask["registry"]["unchanged"]  # the second training found the first's identical version

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PARAMS, REPO, free_port, tiny_overrides
+from conftest import PARAMS, REPO, free_port, tiny_overrides, wait_for
 from PIL import Image
 
 from patchcore.synthetic import generate_product
@@ -31,19 +31,6 @@ from patchcore.synthetic import generate_product
 pytestmark = pytest.mark.slow
 
 SCHEDULE = "15 4 * * *"
-
-
-def _wait(what: str, check, timeout: float, logs: list[Path]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1.0)
-    tails = "\n".join(
-        f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs if p.is_file()
-    )
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 SETTLE_SECONDS = 2.0
@@ -170,13 +157,13 @@ def _add_images(folder: Path, tag: str, flip, n: int = 3) -> float:
 def test_new_images_start_a_retrain_through_watcher_event_and_trigger_and_the_cron_is_scheduled(served):
     client, settings = _client(served)
     with client, settings:
-        retrain = _wait(
+        retrain = wait_for(
             "the retrain-tiles deployment", lambda: _deployment(client, "retrain-tiles"), 120, served["logs"]
         )
         assert retrain.schedules and retrain.schedules[0].schedule.cron == SCHEDULE
         assert _deployment(client, "watch") is None  # no flow run per look
         # The server's scheduler creates the cron's upcoming runs (needs a working scheduler service).
-        cron_runs = _wait(
+        cron_runs = wait_for(
             "scheduled runs of the cron",
             lambda: [r for r in _runs(client, retrain.id, "SCHEDULED") if r.parameters.get("reason") == "schedule"],
             120,
@@ -191,7 +178,9 @@ def test_new_images_start_a_retrain_through_watcher_event_and_trigger_and_the_cr
             done = [r for r in _new_data_runs(client, retrain.id) if r.state and r.state.is_final()]
             return done[0] if done else None
 
-        run = _wait("a retrain started by the new-data trigger to finish", finished_new_data_run, 420, served["logs"])
+        run = wait_for(
+            "a retrain started by the new-data trigger to finish", finished_new_data_run, 420, served["logs"]
+        )
         assert run.state.is_completed(), f"retrain ended {run.state.name}: {run.state.message}"
     heartbeat = json.loads((served["home"] / "watch" / "heartbeat.json").read_text())
     assert heartbeat["mode"] == "inotify" and time.time() - heartbeat["at"] < 60
@@ -289,13 +278,13 @@ def test_after_kill_9_mid_retrain_and_a_restart_new_images_retrain_within_the_do
             runs = [r for r in _new_data_runs(client, retrain.id) if r.id not in before]
             return next((r for r in runs if r.state and r.state.is_running()), None)
 
-        victim = _wait("the next retrain to be running", running_new_run, 180, served["logs"])
+        victim = wait_for("the next retrain to be running", running_new_run, 180, served["logs"])
         os.killpg(served["serving"][0], signal.SIGKILL)  # the serving process and its flow-run children
         os.waitpid(served["serving"][0], 0)
         assert client.read_flow_run(victim.id).state.is_running()  # left behind as Running
 
         served["serving"][0] = served["start_serving"]()
-        _wait(
+        wait_for(
             "the stale run to be marked Crashed at restart",
             lambda: client.read_flow_run(victim.id).state.is_crashed(),
             120,
@@ -303,7 +292,7 @@ def test_after_kill_9_mid_retrain_and_a_restart_new_images_retrain_within_the_do
         )
         heartbeat = served["home"] / "watch" / "heartbeat.json"
         started = time.time()
-        _wait(
+        wait_for(
             "the restarted watcher's heartbeat",
             lambda: heartbeat.is_file() and json.loads(heartbeat.read_text())["at"] > started,
             120,
@@ -316,12 +305,12 @@ def test_after_kill_9_mid_retrain_and_a_restart_new_images_retrain_within_the_do
             runs = [r for r in _new_data_runs(client, retrain.id) if r.id not in seen]
             return next((r for r in runs if r.start_time is not None), None)
 
-        run = _wait("a retrain after the restart to start", new_run_started, 120, served["logs"])
+        run = wait_for("a retrain after the restart to start", new_run_started, 120, served["logs"])
         latency = run.start_time.timestamp() - landed
         print(f"\nnew images -> retrain running after restart: {latency:.1f} s (settle {SETTLE_SECONDS:g} s)")
         # README "Operating it": settle + about 1 s for the watcher + a few seconds for Prefect.
         assert latency < SETTLE_SECONDS + 20, latency
-        done = _wait(
+        done = wait_for(
             "that retrain to finish",
             lambda: (lambda r: r if r.state.is_final() else None)(client.read_flow_run(run.id)),
             420,

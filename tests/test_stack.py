@@ -10,7 +10,6 @@ Every process is stopped at the end (`down` by pid files), and the stack's data 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import PARAMS, REPO, tiny_overrides
+from conftest import PARAMS, REPO, tiny_overrides, tree_digests, wait_for
 
 from patchcore.synthetic import generate_product
 
@@ -48,19 +47,6 @@ def _free_block(start: int, width: int, extra: tuple[int, ...] = ()) -> int:
         if all(_free(base + i) for i in range(width)) and all(_free(base + e) for e in extra):
             return base
     raise RuntimeError("no free loopback port block")
-
-
-def _wait(what: str, check, timeout: float, logs: list[Path]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(2.0)
-    tails = "\n".join(
-        f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]) for p in logs if p.is_file()
-    )
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -117,9 +103,12 @@ def stack(tmp_path_factory):
     ports = {"s3_port": s3, "postgres_port": _free_block(s3 + 50, 1), "dask_port": _free_block(s3 + 100, 2)}
     ports |= {"prefect_port": _free_block(s3 + 150, 1), "mlflow_port": _free_block(s3 + 200, 1)}
     stack = stack_module.Stack(root / "home", **ports)
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_WORKER_QUERY_SECONDS")}
-    os.environ["PREFECT_HOME"] = str(root / "prefect")
-    os.environ["PREFECT_WORKER_QUERY_SECONDS"] = "2"
+    env = pytest.MonkeyPatch()
+    env.setenv("PREFECT_HOME", str(root / "prefect"))
+    env.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # the worker polls every 2 s (default 10)
+    # what an earlier Registry() in this process exports (mlflow.set_registry_uri): the stack's processes
+    # must not inherit it, or every registration would go to that SQLite file
+    env.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{root / 'leaked-registry.db'}")
     logs = [stack.log_file(n) for n in ("prefect-worker", "watcher", "dask-workers", "mlflow", "s3", "deployments")]
     try:
         started = time.monotonic()
@@ -142,11 +131,7 @@ def stack(tmp_path_factory):
     finally:
         stack_module.down(stack)
         stack_module.purge(stack)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        env.undo()
 
 
 def _python(env: dict[str, str], code: str, timeout: float = 300) -> str:
@@ -191,7 +176,7 @@ def retrained(stack):
             pytest.fail(f"the retrain failed: {runs}\n" + stack["logs"][0].read_text()[-6000:])
         return [r for r in runs if r["state"] == "COMPLETED"]
 
-    finished = _wait("the new-data retrain through the work pool", done, 420, stack["logs"])
+    finished = wait_for("the new-data retrain through the work pool", done, 420, stack["logs"])
     return {"run": finished[0], "runs": _flow_runs(env)}
 
 
@@ -262,7 +247,7 @@ def test_new_images_retrain_through_the_work_pool_with_dask_extraction_into_s3_a
     # nothing in a SQLite file, nothing in the local default store
     home = stack["stack"].home
     sqlite = [p for p in [*home.rglob("*"), *(stack["root"] / "prefect").rglob("*")] if p.suffix in (".db", ".sqlite")]
-    assert sqlite == []
+    assert sqlite == [] and not (stack["root"] / "leaked-registry.db").exists()
     assert not any((home / d).exists() for d in ("features", "banks", "models", "evaluations", "mlflow"))
 
 
@@ -277,16 +262,6 @@ def test_the_data_version_is_pushed_to_the_dvc_s3_remote_and_a_fresh_clone_pulls
     pulled = sorted((clone / "data" / "tiles").rglob("*.png"))
     assert [p.relative_to(repo) for p in original] == [p.relative_to(clone) for p in pulled] and pulled
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(original, pulled))
-
-
-def _bank_digests(folder: Path) -> dict[str, str]:
-    out = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.name == "model.json":  # its timings differ from run to run
-            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "timings"}, sort_keys=True).encode()
-        out[path.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def test_a_dask_worker_killed_mid_extraction_the_run_completes_with_the_same_bank(stack, retrained, tmp_path):
@@ -341,7 +316,7 @@ def test_a_dask_worker_killed_mid_extraction_the_run_completes_with_the_same_ban
     )
     for path in (copied / "features").rglob("*.npy"):
         assert np.load(path).ndim == 2  # loads: no truncated file
-    s3_banks, local_banks = _bank_digests(copied / "banks"), _bank_digests(local / "banks")
+    s3_banks, local_banks = tree_digests(copied / "banks"), tree_digests(local / "banks")
     assert set(local_banks) <= set(s3_banks)
     assert {k: s3_banks[k] for k in local_banks} == local_banks
     for path in (local / "features").rglob("*.npy"):
@@ -359,7 +334,7 @@ def test_down_stops_every_process_and_up_after_a_crash_recovers(stack, retrained
     for pid in pids.values():
         os.killpg(pid, signal.SIGKILL)
     for pid in pids.values():
-        _wait(f"process {pid} to go", lambda pid=pid: module.base._started(pid) is None or _reap(pid), 30, [])
+        wait_for(f"process {pid} to go", lambda pid=pid: module.base._started(pid) is None or _reap(pid), 30, [])
     time.sleep(1.0)
     params, data = stack["params"], stack["data_repo"] / "data"
     module.up(s, REPO, ["--params", str(params), "--data-root", str(data)], allow_random_weights=True)
