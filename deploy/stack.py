@@ -52,6 +52,7 @@ from patchcore.errors import ConfigError
 from patchcore.paths import home
 from pipeline import credentials
 from pipeline.data_version import repo_root
+from pipeline.operations import dvc_command
 
 # Started in this order; stopped in the reverse one.
 PROCESSES = ("postgres", "s3", "prefect", "mlflow", "dask-scheduler", "dask-workers", "prefect-worker", "watcher")
@@ -384,7 +385,7 @@ def configure_dvc_remote(stack: Stack, client: dict[str, str], data_root: Path) 
     repo = repo_root(data_root)
     if repo is None or not (repo / ".dvc").is_dir():
         return None
-    dvc = _venv_tool("dvc") if Path(_venv_tool("dvc")).is_file() else (shutil.which("dvc") or "dvc")
+    dvc = dvc_command() or "dvc"
     commands = [
         ["remote", "add", "--local", "--force", "--default", "stack", f"s3://{BUCKETS['dvc']}/store"],
         ["remote", "modify", "--local", "stack", "endpointurl", stack.s3_url],

@@ -76,7 +76,7 @@ def version_data(product_dir: str | Path, product: str) -> dict[str, Any]:
     (returned, and tagged on the model by the training flow)."""
     folder = Path(product_dir).resolve()
     root = repo_root(folder)
-    dvc = shutil.which("dvc") or _venv_dvc()
+    dvc = dvc_command()
     out: dict[str, Any] = {
         "md5": dir_md5(folder),
         "dvc_add": None,
@@ -145,7 +145,7 @@ def push_data_version(versioned: dict[str, Any]) -> str | None:
     """After a successful training: `dvc push` the data version to the repository's default remote
     (`make stack` sets one on its S3 store), so any machine can `dvc pull` the images a version
     was trained on. Returns the remote's name, or None when there is no .dvc file or no default remote."""
-    dvc = shutil.which("dvc") or _venv_dvc()
+    dvc = dvc_command()
     if not versioned.get("dvc_add") or dvc is None:
         return None
     root = Path(versioned["root"])
@@ -172,6 +172,11 @@ def revert_data_version(versioned: dict[str, Any]) -> bool:
     return True
 
 
+def dvc_command() -> str | None:
+    """The `dvc` program: on PATH, else the console script beside this interpreter (None: not installed)."""
+    return shutil.which("dvc") or _venv_dvc()
+
+
 def _venv_dvc() -> str | None:
     candidate = Path(sys.executable).parent / "dvc"  # the console script beside this interpreter
     return str(candidate) if candidate.exists() else None
@@ -186,6 +191,8 @@ __all__ = [
     "EVENT_DATA_SETTLED",
     "EVENT_WATCHER_HEARTBEAT",
     "commit_data_version",
+    "dvc_command",
+    "push_data_version",
     "new_data",
     "revert_data_version",
     "training_limit_name",

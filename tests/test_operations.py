@@ -138,9 +138,9 @@ def test_serving_deployments_refuses_to_start_without_a_prefect_server(monkeypat
 def test_new_images_are_dvc_added_then_committed_only_after_training_succeeds(tmp_path):
     """dvc add before training; the .dvc file is committed after a successful training, and put back
     (no commit, no changed file) after a failed one."""
-    from pipeline.operations import _venv_dvc, commit_data_version, revert_data_version, version_data
+    from pipeline.operations import commit_data_version, dvc_command, revert_data_version, version_data
 
-    dvc = shutil.which("dvc") or _venv_dvc()
+    dvc = dvc_command()
     if not dvc or not shutil.which("git"):
         pytest.skip("dvc and git are needed")
 
