@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from patchcore import coreset
+from patchcore import coreset, coreset_cpu
 
 N, D = 5000, 64
 
@@ -113,15 +114,24 @@ def test_fast_method_breaks_exact_ties_like_plain():
 
 
 @pytest.mark.parametrize(
-    "all_blocks,dense",
-    [(0.25, 0.5), (1.1, 0.5), (0.0, 1.1), (0.0, 0.0)],
-    ids=["defaults", "gathered-only", "all-blocks-gathered", "all-blocks-dense"],
+    "kernel,all_blocks,dense",
+    [(True, 0.25, 0.5), (True, 0.25, 0.0), (False, 0.25, 0.5), (False, 1.1, 0.5), (False, 0.0, 1.1), (False, 0, 0)],
+    ids=[
+        "cpu-kernel",
+        "cpu-kernel-dense",
+        "torch",
+        "torch-gathered-only",
+        "torch-all-blocks-gathered",
+        "torch-all-blocks-dense",
+    ],
 )
-def test_fast_method_keeps_exactly_the_plain_distances(projected, monkeypatch, all_blocks, dense):
+def test_fast_method_keeps_exactly_the_plain_distances(projected, monkeypatch, kernel, all_blocks, dense):
     # Stronger than equal picks: after many picks every point's running distance must be
     # bit-identical, i.e. the pruning never skipped an update the plain loop makes, whichever
-    # way a pick's update is done (gathered surviving blocks, every block in place with the
-    # undecided points gathered, or a dense pass).
+    # way a pick's update is done: the compiled CPU pass (the CPU default) or the torch bounds
+    # (other devices; gathered surviving blocks, every block in place with the undecided points
+    # gathered, or a dense pass).
+    monkeypatch.setattr(coreset, "_USE_KERNEL", kernel)
     monkeypatch.setattr(coreset, "_ALL_BLOCKS_FRACTION", all_blocks)
     monkeypatch.setattr(coreset, "_DENSE_FRACTION", dense)
     calls = []
@@ -139,7 +149,75 @@ def test_fast_method_keeps_exactly_the_plain_distances(projected, monkeypatch, a
     fast_state = torch.full_like(plain_state, float("nan"))
     fast_state[blocks.order[real]] = blocks.cur.view(-1)[real]
     assert torch.equal(fast_state, plain_state)
-    assert (len(calls) == 0) == (all_blocks > 1) and (all_blocks > 0 or len(calls) > 250)
+    assert blocks.kernel == kernel  # numba is a dependency: the CPU default must not fall back silently
+    if not kernel:
+        assert (len(calls) == 0) == (all_blocks > 1) and (all_blocks > 0 or len(calls) > 250)
+
+
+@pytest.mark.parametrize(
+    "scale,levels,slack",
+    [(1.0, 32767, 1), (1e-3, 32767, 1), (1e3, 32767, 1), (1.0, 15, 1), (1.0, 15, 0)],
+    ids=["unit", "tiny", "huge", "coarse", "coarse-without-slack-fails"],
+)
+def test_cpu_kernel_never_rules_out_a_point_that_would_improve(projected, scale, levels, slack):
+    # The compiled stage 2 bounds distances from an int16 copy of the leading coordinates. Put
+    # every point's current distance right at its true distance to a centre (within +-1e-3
+    # relative), at any magnitude: every point that the plain method would lower must be among
+    # the candidates, while the half that is clearly closer to the coreset (current distance
+    # halved) must be ruled out. With a coarse quantisation (15 levels instead of 32767) the
+    # quantisation error matters, and the check must notice when the kernel ignores it (slack 0:
+    # the kernel is told the error is 0).
+    pytest.importorskip("numba")
+    y, sq = coreset._prepare(projected * scale, torch.device("cpu"))
+    start = coreset._initial_sq_distances(y, sq, N, coreset._start_points(N, 10, 0))
+    bk = coreset._Blocks(y, sq, start)
+    assert bk.kernel
+    q, q_scale, q_err = coreset_cpu.quantise_lead(bk.x[:, :, : bk.lead].numpy(), levels)
+    rng = np.random.default_rng(1)
+    missed, ruled_out = [], []
+    for position in rng.choice(N, 5, replace=False):
+        centre, c_sq = bk.x_flat[position].clone(), bk.sq_flat[position]
+        true = coreset._sq_dists_to(bk.x_flat, bk.sq_flat, centre, c_sq)  # what plain computes
+        jitter = torch.from_numpy(rng.uniform(-1e-3, 1e-3, len(true)).astype(np.float32))
+        far = torch.from_numpy(rng.random(len(true)) < 0.5)
+        cur = torch.where(far, true * 0.5, true * (1 + jitter))
+        cur[bk.order >= N] = -1.0
+        bk.cur_flat.copy_(cur)
+        torch.amax(bk.cur, dim=1, out=bk.upper)
+        found = coreset_cpu.candidates(
+            np.arange(bk.num), bk.block, q, q_scale, q_err * slack, bk.x_flat.numpy(), bk.rest.view(-1).numpy(),
+            bk.centre.numpy(), bk.max_sq.numpy(), bk.upper.numpy(), centre.numpy(), float(c_sq),
+            bk.cur_flat.numpy(), coreset._REL_TOL, bk.scratch, 1,
+        )  # fmt: skip
+        found = set(found.tolist())
+        improving = set(torch.nonzero((true < cur) & (cur >= 0)).squeeze(1).tolist())
+        assert improving
+        missed.append(len(improving - found))
+        far_points = set(torch.nonzero(far & (cur >= 0)).squeeze(1).tolist())
+        ruled_out.append(1 - len(found & far_points) / len(far_points))
+    assert (sum(missed) == 0) == (slack == 1), missed
+    assert min(ruled_out) > (0.99 if levels > 1000 else 0.5), ruled_out
+
+
+def test_cpu_kernel_missing_falls_back_to_the_torch_path(features, fast_picks, monkeypatch, caplog):
+    # Without numba (or where it cannot load) the selection still works, with the same picks,
+    # and says once why it is slower.
+    monkeypatch.setattr(coreset_cpu, "numba", None)
+    monkeypatch.setattr(coreset_cpu, "_WARNED", False)
+    with caplog.at_level("WARNING", logger="patchcore.coreset_cpu"):
+        picks = coreset.select_coreset(features, 0.02, seed=0, progress=False)
+        coreset.select_coreset(features[:1000], 0.02, seed=0, progress=False)
+    np.testing.assert_array_equal(picks, fast_picks)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "numba unavailable" in caplog.records[0].message
+
+
+def test_concurrent_selections_in_threads_agree(features, fast_picks):
+    # Two fits in one process (e.g. Prefect tasks in threads) share the compiled kernel.
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: coreset.select_coreset(features, 0.02, seed=0, progress=False), range(2)))
+    for picks in results:
+        np.testing.assert_array_equal(picks, fast_picks)
 
 
 def test_prepared_matrix_preserves_distances(projected):
