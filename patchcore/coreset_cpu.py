@@ -103,9 +103,10 @@ if numba is not None:
             # Slack for the quantisation error e of this block without a square root per point:
             # ruling x out needs sqrt(acc) - e >= sqrt(limit), i.e. acc >= limit + 2 e sqrt(limit) + e^2;
             # with radius >= sqrt(every limit in the block) (U_b bounds them) it is enough that
-            # acc >= limit + slack, and acc - slack bounds |L(x - c)|^2 from below for the others.
+            # acc >= limit + slack, and acc - slack bounds |L(x - c)|^2 from below for the others
+            # (that needs sqrt(acc) <= radius for them: they have acc < limit + slack < radius^2).
             e = err[b]
-            radius = np.sqrt(np.float32(1.001) * (max(upper[b], np.float32(0.0)) + margin) + e * e) + 2 * e
+            radius = np.sqrt(np.float32(1.001) * (max(upper[b], np.float32(0.0)) + margin) + e * e) + 3 * e
             slack = 2 * e * radius + e * e
             sc = scale[b]
             c_rest = np.float32(-1.0)  # |R(c - m_b)|, computed when a point of the block needs it
