@@ -61,7 +61,7 @@ def stages_run(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A user's project: the pipeline code, dvc.yaml, a small params.yaml, data/ tracked by data.dvc."""
+    """A user's project: the pipeline code, dvc.yaml, .dvcignore, a small params.yaml, data/ tracked by data.dvc."""
     from patchcore.synthetic import generate_product
 
     repo = tmp_path_factory.mktemp("dvc") / "project"
@@ -79,6 +79,7 @@ def repo(tmp_path_factory) -> Path:
     run(repo, "git", "config", "user.email", "test@example.com")
     run(repo, "git", "config", "user.name", "test")
     run(repo, "dvc", "init", "-q")
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")  # the project's: caches are not code
     run(repo, "dvc", "add", "-q", "data")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "project with data")
