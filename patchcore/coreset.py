@@ -772,29 +772,34 @@ def _kernel_update(bk: _Blocks, act: torch.Tensor, centre: torch.Tensor, centre_
         bk.centre.numpy(), bk.max_sq.numpy(), bk.upper.numpy(), centre.numpy(), float(centre_sq),
         bk.cur_flat.numpy(), _REL_TOL, bk.scratch, torch.get_num_threads(),
     )  # fmt: skip
-    if len(found) > _DENSE_FRACTION * len(bk.cur_flat):
-        torch.minimum(bk.cur_flat, _sq_dists_to(bk.x_flat, bk.sq_flat, centre, centre_sq), out=bk.cur_flat)
+    rows = torch.from_numpy(found)
+    if _update_candidates(bk, rows, centre, centre_sq):
         torch.amax(bk.cur, dim=1, out=bk.upper)
         return
-    if len(found):
-        rows = torch.from_numpy(found.copy())
-        _update_rows(bk, rows, centre, centre_sq)
+    if len(rows):
         touched = torch.unique(torch.div(rows, bk.block, rounding_mode="floor"))
         bk.upper.index_copy_(0, touched, bk.cur.index_select(0, touched).amax(dim=1))
     bk.upper[b] = bk.cur[b].amax()  # the pick's own entry changed even if nothing else did
 
 
-def _update_all_blocks(bk: _Blocks, centre: torch.Tensor, centre_sq: torch.Tensor, margin: torch.Tensor) -> None:
-    """Stage 2 of `_blocked_pick` for every block, when stage 1 pruned too few to gather: the same
-    per-point bound, read in place. Points it cannot rule out get their full distance, gathered
-    when they are few, else in one dense pass over all rows (the plain method's update; row
-    counts stay multiples of 8, so either way the values are the plain method's)."""
-    bound = _point_bounds(bk, centre)
-    rows = (bound < bk.cur + margin[:, None]).view(-1).nonzero().squeeze(1)
+def _update_candidates(bk: _Blocks, rows: torch.Tensor, centre: torch.Tensor, centre_sq: torch.Tensor) -> bool:
+    """Give the (flat) candidate rows their full distance to the centre: gathered when they are
+    few, else in one dense pass over all rows (the plain method's update; row counts stay multiples
+    of 8, so either way the values are the plain method's). True when it made the dense pass."""
     if len(rows) > _DENSE_FRACTION * len(bk.cur_flat):
         torch.minimum(bk.cur_flat, _sq_dists_to(bk.x_flat, bk.sq_flat, centre, centre_sq), out=bk.cur_flat)
-    elif len(rows):
+        return True
+    if len(rows):
         _update_rows(bk, rows, centre, centre_sq)
+    return False
+
+
+def _update_all_blocks(bk: _Blocks, centre: torch.Tensor, centre_sq: torch.Tensor, margin: torch.Tensor) -> None:
+    """Stage 2 of `_blocked_pick` for every block, when stage 1 pruned too few to gather: the same
+    per-point bound, read in place. Points it cannot rule out get their full distance
+    (`_update_candidates`)."""
+    bound = _point_bounds(bk, centre)
+    _update_candidates(bk, (bound < bk.cur + margin[:, None]).view(-1).nonzero().squeeze(1), centre, centre_sq)
     torch.amax(bk.cur, dim=1, out=bk.upper)  # the pick's own entry changed in any case
 
 
